@@ -1,0 +1,142 @@
+"""``detr-lineage``: LightningCLI (fit / validate / test / predict) plus the project's own commands.
+
+Every run writes to ``<run.dir>/<run.name>/version_<n>/``: ``metrics.csv`` (CSVLogger, always),
+``checkpoints/`` (best ``val/map`` and ``last.ckpt``), ``config.yaml`` and, unless disabled, an
+offline W&B run (``WANDB_MODE=online`` to sync live). ``--ckpt_path`` resumes the run in the
+checkpoint's own version directory, so its curves continue in the same ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from .lit import DetectionModule
+
+
+@dataclass
+class RunConfig:
+    """Where a run is written and how it is named, grouped and tagged (CSV and W&B alike).
+
+    name: run name (default: the model class); group: runs that differ only by seed share it;
+    tags: free labels (variant, denoising on/off, ...); dir: root of all runs;
+    version: fixed version number (default: next free one, or the resumed checkpoint's);
+    wandb: also log to W&B (offline unless ``WANDB_MODE=online``).
+    """
+
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dir: str = "runs"
+    version: int | None = None
+    wandb: bool = True
+
+
+def version_of_checkpoint(ckpt_path: str | None) -> int | None:
+    """``.../version_3/checkpoints/last.ckpt`` -> 3, so a resumed run continues its own logs."""
+    if not ckpt_path:
+        return None
+    match = re.search(r"version_(\d+)", str(Path(ckpt_path).resolve()))
+    return int(match.group(1)) if match else None
+
+
+def make_loggers(
+    run: RunConfig, model_name: str, ckpt_path: str | None, seed: int | None
+) -> list[Logger]:
+    name = run.name or model_name
+    version = run.version if run.version is not None else version_of_checkpoint(ckpt_path)
+    csv = CSVLogger(run.dir, name=name, version=version)
+    loggers: list[Logger] = [csv]
+    if run.wandb and os.environ.get("WANDB_MODE") != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        log_dir = Path(csv.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        id_file = log_dir / "wandb_id.txt"
+        if not id_file.exists():
+            import wandb
+
+            id_file.write_text(wandb.util.generate_id())
+        loggers.append(
+            WandbLogger(
+                project=os.environ.get("WANDB_PROJECT", "detr-lineage"),
+                name=name if seed is None else f"{name}-seed{seed}",
+                group=run.group or name,
+                tags=list(run.tags),
+                save_dir=str(log_dir),
+                id=id_file.read_text().strip(),
+                resume="allow",
+            )
+        )
+    return loggers
+
+
+class DetrLineageCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config_init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config_init.get("trainer", {})
+        run = RunConfig(**{k: v for k, v in config["run"].items()})
+        run.tags = list(run.tags or [])
+        model_name = type(config_init["model"]).__name__.lower()
+        if trainer_cfg.get("logger") in (None, True) and not trainer_cfg.get("fast_dev_run"):
+            kwargs["logger"] = make_loggers(
+                run, model_name, config.get("ckpt_path"), config.get("seed_everything")
+            )
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(
+                ModelCheckpoint(
+                    monitor="val/map",
+                    mode="max",
+                    save_last=True,
+                    filename="best-{epoch}-{step}",
+                    auto_insert_metric_name=False,
+                )
+            )
+        if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+EXTRA_COMMANDS = {
+    "toy-to-coco": "detr_lineage.data.toy_to_coco",
+    "compare": "detr_lineage.analysis.compare",
+    "ablate": "detr_lineage.analysis.ablate",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``detr-lineage`` and ``python -m detr_lineage``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+        return
+    DetrLineageCLI(
+        DetectionModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""DetectionModule: the training/evaluation logic every variant shares.
+
+A subclass only builds ``self.net`` (images, masks[, targets] -> outputs), ``self.criterion``
+and ``self.postprocess`` from its typed hyper-parameters. Steps, validation of the targets,
+optimiser groups, schedule, mAP and the logged names live here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+
+from ..boxes import cxcywh_to_xyxy
+from ..criterion import SetCriterion
+from ..postprocess import PostProcess
+
+MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+
+def check_targets(targets: list[dict], num_classes: int) -> None:
+    """Fail loudly, naming the image, on labels or boxes that would silently train wrong."""
+    for t in targets:
+        labels, boxes = t["labels"], t["boxes"]
+        image = t.get("image_id", "?")
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
+            raise ValueError(
+                f"image {image}: boxes must be [n,4] with one label each, "
+                f"got boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)}"
+            )
+        if len(labels) == 0:
+            continue
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(
+                f"image {image}: label {int(labels.max())} is outside [0, {num_classes}); "
+                f"is num_classes={num_classes} smaller than the dataset's number of classes?"
+            )
+        xyxy = cxcywh_to_xyxy(boxes)
+        if (xyxy < -1e-4).any() or (xyxy > 1 + 1e-4).any() or (boxes[:, 2:] <= 0).any():
+            bad = boxes[((xyxy < -1e-4) | (xyxy > 1 + 1e-4)).any(1) | (boxes[:, 2:] <= 0).any(1)]
+            raise ValueError(
+                f"image {image}: target box {bad[0].tolist()} (cxcywh) is outside [0, 1] or "
+                "has no area; boxes must be normalised cxcywh"
+            )
+
+
+class DetectionModule(L.LightningModule):
+    """Shared steps; subclasses set ``net``, ``criterion``, ``postprocess``.
+
+    Optimiser: AdamW with the backbone at ``lr_backbone``; optionally no weight decay on norm
+    layers and biases (RT-DETR). Schedule, stepped every batch: linear warm-up over
+    ``warmup_steps``, then x``lr_gamma`` at each epoch in ``lr_drop_epochs`` (DETR's StepLR).
+    """
+
+    net: nn.Module
+    criterion: SetCriterion
+    postprocess: PostProcess
+
+    def __init__(
+        self,
+        num_classes: int,
+        lr: float = 1e-4,
+        lr_backbone: float = 1e-5,
+        weight_decay: float = 1e-4,
+        lr_drop_epochs: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        warmup_steps: int = 0,
+        no_decay_on_norm_and_bias: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # collects the subclass's arguments too
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.val_map = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        self._t0: float | None = None
+        self._elapsed_before = 0.0  # wall time of earlier sessions when resuming
+
+    # -- checks ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and data_classes > self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the data has {data_classes} classes; "
+                f"set num_classes to {data_classes} (labels are contiguous from 0)"
+            )
+        max_objects = getattr(dm, "max_objects", None)
+        num_queries = getattr(self.net, "num_queries", None)
+        if max_objects and num_queries and max_objects > num_queries:
+            warnings.warn(
+                f"the data has up to {max_objects} objects per image but the model has only "
+                f"{num_queries} queries: the extra objects can never be matched",
+                stacklevel=2,
+            )
+
+    # -- steps -----------------------------------------------------------------------------
+    def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None) -> dict:
+        return self.net(images, masks, targets)
+
+    def _loss(self, batch: dict, stage: str) -> tuple[dict, dict]:
+        targets = batch["targets"]
+        check_targets(targets, self.num_classes)
+        outputs = self.net(batch["images"], batch["masks"], targets if stage == "train" else None)
+        losses = self.criterion(outputs, targets)
+        if not torch.isfinite(losses["loss"]):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite {stage} loss at step {self.global_step} in {bad}; the last "
+                "checkpoint is intact: lower the lr, or check the data"
+            )
+        bs = len(targets)
+        on_step = stage == "train"
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in losses.items()},
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=bs,
+            prog_bar=False,
+        )
+        self.log(
+            f"{stage}/loss",
+            losses["loss"].detach(),
+            prog_bar=True,
+            batch_size=bs,
+            on_step=on_step,
+            on_epoch=not on_step,
+        )
+        return outputs, losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        _, losses = self._loss(batch, "train")
+        self.log("time/wall_s", self._elapsed_before + time.perf_counter() - self._t0)
+        return losses["loss"]
+
+    def detections(self, outputs: dict, targets: list[dict]) -> list[dict]:
+        """Scored detections in original-image pixels (xyxy)."""
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+        return self.postprocess(outputs["pred_logits"], outputs["pred_boxes"], sizes)
+
+    @staticmethod
+    def ground_truth(targets: list[dict]) -> list[dict]:
+        gts = []
+        for t in targets:
+            h, w = t["orig_size"].tolist()
+            scale = t["boxes"].new_tensor([w, h, w, h])
+            gts.append({"boxes": cxcywh_to_xyxy(t["boxes"]) * scale, "labels": t["labels"]})
+        return gts
+
+    def _eval_step(self, batch: dict, stage: str, metric: MeanAveragePrecision) -> list[dict]:
+        outputs, _ = self._loss(batch, stage)
+        dets = self.detections(outputs, batch["targets"])
+        metric.update(dets, self.ground_truth(batch["targets"]))
+        return dets
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_map)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_map)
+
+    def _log_map(self, stage: str, metric: MeanAveragePrecision) -> dict[str, float]:
+        result = metric.compute()
+        metric.reset()
+        values = {f"{stage}/{k}": float(result[k]) for k in MAP_KEYS}
+        self.log_dict(values, prog_bar=False)
+        self.log(f"{stage}/map_50", values[f"{stage}/map_50"], prog_bar=True)
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map("val", self.val_map)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map("test", self.test_map)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        outputs = self.net(batch["images"], batch["masks"])
+        dets = self.detections(outputs, batch["targets"])
+        for d, t in zip(dets, batch["targets"]):
+            d["image_id"] = t["image_id"]
+        return dets
+
+    # -- resume: keep the wall-time axis continuous ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        checkpoint["wall_time_s"] = self._elapsed_before + elapsed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._elapsed_before = float(checkpoint.get("wall_time_s", 0.0))
+
+    # -- optimisation ----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Backbone at ``lr_backbone``; optionally norm/bias parameters without weight decay."""
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list] = {}
+        norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+        no_decay = set()
+        if hp.no_decay_on_norm_and_bias:
+            for module in self.net.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    if isinstance(module, norm_types) or name == "bias":
+                        no_decay.add(p)
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = (name.startswith(("backbone.", "stem.backbone.")), p in no_decay)
+            groups.setdefault(key, []).append(p)
+        return [
+            {
+                "params": params,
+                "lr": hp.lr_backbone if is_backbone else hp.lr,
+                "weight_decay": 0.0 if decay_free else hp.weight_decay,
+            }
+            for (is_backbone, decay_free), params in groups.items()
+        ]
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        drops = sorted(hp.lr_drop_epochs or [])
+        steps_per_epoch = 1
+        if drops:
+            max_epochs = self.trainer.max_epochs
+            if max_epochs is None or max_epochs < 1:
+                raise ValueError("lr_drop_epochs needs trainer.max_epochs to be set")
+            steps_per_epoch = max(
+                1, math.ceil(self.trainer.estimated_stepping_batches / max_epochs)
+            )
+        schedule = WarmupStepSchedule(
+            hp.warmup_steps, [e * steps_per_epoch for e in drops], hp.lr_gamma
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class WarmupStepSchedule:
+    """LR factor at a step: linear warm-up, then ``gamma`` per passed milestone (in steps)."""
+
+    def __init__(self, warmup_steps: int, milestones: list[int], gamma: float) -> None:
+        self.warmup_steps, self.milestones, self.gamma = warmup_steps, milestones, gamma
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        return warm * self.gamma ** sum(step >= m for m in self.milestones)

@@ -1,0 +1,240 @@
+"""Transformer layers shared by every variant.
+
+One encoder layer (DETR's encoder, RT-DETR's AIFI), one decoder layer whose cross-attention
+is pluggable (dense for DETR, conditional for DAB/DN-DETR, multi-scale deformable for
+RT-DETRv2), and one decoder loop that optionally refines reference boxes layer by layer.
+All layers are post-norm, as in the three papers; ``normalize_before`` gives DETR's pre-norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..boxes import inverse_sigmoid
+
+
+def make_activation(name: str) -> nn.Module:
+    """Activation module by name: relu, gelu, silu or prelu (learnable, DN-DETR's choice)."""
+    acts = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "prelu": nn.PReLU}
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(acts)}")
+    return acts[name]()
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR's box head, query-pos heads)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN with its residual and norm (post-norm unless ``normalize_before``)."""
+
+    def __init__(
+        self, d_model: int, dim_ff: int, dropout: float, activation: str, normalize_before: bool
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_ff)
+        self.activation = make_activation(activation)
+        self.linear2 = nn.Linear(dim_ff, d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(x) if self.normalize_before else x
+        y = self.linear2(self.dropout1(self.activation(self.linear1(y))))
+        x = x + self.dropout2(y)
+        return x if self.normalize_before else self.norm(x)
+
+
+def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + FFN over ``[B,S,d]`` tokens; ``pos`` is added to queries and keys only."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
+        self.normalize_before = normalize_before
+
+    def forward(
+        self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        y = self.norm(src) if self.normalize_before else src
+        q = k = _with_pos(y, pos)
+        y = self.self_attn(q, k, y, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src = src + self.dropout(y)
+        if not self.normalize_before:
+            src = self.norm(src)
+        return self.ffn(src)
+
+
+@dataclass
+class Memory:
+    """What the decoder attends to: flattened encoder output and its layout.
+
+    ``value [B,S,d]``; ``pos [B,S,d]`` (dense/conditional attention only); ``padding_mask [B,S]``
+    True = padding; ``spatial_shapes`` the (h, w) of each level, levels concatenated in order.
+    """
+
+    value: Tensor
+    pos: Tensor | None = None
+    padding_mask: Tensor | None = None
+    spatial_shapes: Sequence[tuple[int, int]] | None = None
+
+
+class DenseCrossAttention(nn.Module):
+    """DETR's cross-attention: every query attends to every memory token."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+
+    def forward(
+        self, query: Tensor, query_pos: Tensor | None, memory: Memory, ref_boxes: Tensor | None
+    ) -> Tensor:
+        return self.attn(
+            _with_pos(query, query_pos),
+            _with_pos(memory.value, memory.pos),
+            memory.value,
+            key_padding_mask=memory.padding_mask,
+            need_weights=False,
+        )[0]
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries, cross-attention to the memory, FFN.
+
+    ``cross_attn`` is any module called as ``cross_attn(query, pos, memory, ref_boxes)``;
+    it is what distinguishes DETR, DAB/DN-DETR and RT-DETRv2 decoders.
+    ``self_attn_mask`` (bool, True = blocked, ``[Q,Q]``) keeps denoising groups apart.
+    """
+
+    def __init__(
+        self,
+        cross_attn: nn.Module,
+        d_model: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = cross_attn
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation, normalize_before)
+        self.normalize_before = normalize_before
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor | None,
+        memory: Memory,
+        ref_boxes: Tensor | None = None,
+        cross_pos: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        pre = self.normalize_before
+        y = self.norm1(tgt) if pre else tgt
+        q = k = _with_pos(y, query_pos)
+        y = self.self_attn(q, k, y, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = tgt + self.dropout1(y)
+        if not pre:
+            tgt = self.norm1(tgt)
+        y = self.norm2(tgt) if pre else tgt
+        pos = query_pos if cross_pos is None else cross_pos
+        tgt = tgt + self.dropout2(self.cross_attn(y, pos, memory, ref_boxes))
+        if not pre:
+            tgt = self.norm2(tgt)
+        return self.ffn(tgt)
+
+
+class Decoder(nn.Module):
+    """The decoder loop every variant runs.
+
+    Without ``box_heads`` (DETR) the queries carry a fixed ``query_pos`` and boxes are predicted
+    afterwards from the returned states. With ``box_heads`` (one per layer; the same module may
+    repeat to share it) each layer refines reference boxes: ``box_l = sigmoid(head_l(h_l) +
+    logit(ref_l))``, and ``ref_{l+1} = box_l.detach()``. ``query_pos_head(ref, tgt, layer)``
+    returns the (self-attention pos, cross-attention pos or None) of the current references.
+    ``look_forward_twice`` (DINO, RT-DETR) computes box_l in training from the undetached
+    box_{l-1}, so a layer's loss also trains the previous layer's box head.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[DecoderLayer],
+        norm: nn.Module | None = None,
+        query_pos_head: nn.Module | None = None,
+        box_heads: Sequence[nn.Module] | None = None,
+        look_forward_twice: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.query_pos_head = query_pos_head
+        self.box_heads = None if box_heads is None else nn.ModuleList(box_heads)
+        self.look_forward_twice = look_forward_twice
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Memory,
+        query_pos: Tensor | None = None,
+        ref_boxes: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``tgt [B,Q,d]`` -> (states ``[L,B,Q,d]``, boxes ``[L,B,Q,4]`` or None)."""
+        states, boxes = [], []
+        prev_box = None
+        for i, layer in enumerate(self.layers):
+            cross_pos = None
+            if self.query_pos_head is not None:
+                query_pos, cross_pos = self.query_pos_head(ref_boxes, tgt, i)
+            tgt = layer(tgt, query_pos, memory, ref_boxes, cross_pos, self_attn_mask)
+            state = tgt if self.norm is None else self.norm(tgt)
+            states.append(state)
+            if self.box_heads is not None:
+                delta = self.box_heads[i](state)
+                box = torch.sigmoid(delta + inverse_sigmoid(ref_boxes))
+                if self.look_forward_twice and self.training and prev_box is not None:
+                    boxes.append(torch.sigmoid(delta + inverse_sigmoid(prev_box)))
+                else:
+                    boxes.append(box)
+                prev_box = box
+                ref_boxes = box.detach()
+        return torch.stack(states), (torch.stack(boxes) if boxes else None)

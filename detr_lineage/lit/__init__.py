@@ -2,5 +2,6 @@
 
 from .base import DetectionModule
 from .detr import DETR
+from .dn_detr import DNDETR
 
-__all__ = ["DETR", "DetectionModule"]
+__all__ = ["DETR", "DNDETR", "DetectionModule"]

@@ -116,23 +116,11 @@ class DetectionModule(L.LightningModule):
                 f"non-finite {stage} loss at step {self.global_step} in {bad}; the last "
                 "checkpoint is intact: lower the lr, or check the data"
             )
-        bs = len(targets)
-        on_step = stage == "train"
-        self.log_dict(
-            {f"{stage}/{k}": v.detach() for k, v in losses.items()},
-            on_step=on_step,
-            on_epoch=not on_step,
-            batch_size=bs,
-            prog_bar=False,
-        )
-        self.log(
-            f"{stage}/loss",
-            losses["loss"].detach(),
-            prog_bar=True,
-            batch_size=bs,
-            on_step=on_step,
-            on_epoch=not on_step,
-        )
+        bs, on_step = len(targets), stage == "train"
+        log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": bs}
+        self.log(f"{stage}/loss", losses["loss"].detach(), prog_bar=True, **log)
+        terms = {f"{stage}/{k}": v.detach() for k, v in losses.items() if k != "loss"}
+        self.log_dict(terms, **log)
         return outputs, losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -212,15 +200,16 @@ class DetectionModule(L.LightningModule):
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
-            key = (name.startswith(("backbone.", "stem.backbone.")), p in no_decay)
+            key = (".backbone." in f".{name}", p in no_decay)
             groups.setdefault(key, []).append(p)
         return [
             {
+                "name": ("backbone" if is_backbone else "detector") + ("_no_wd" if no_wd else ""),
                 "params": params,
                 "lr": hp.lr_backbone if is_backbone else hp.lr,
-                "weight_decay": 0.0 if decay_free else hp.weight_decay,
+                "weight_decay": 0.0 if no_wd else hp.weight_decay,
             }
-            for (is_backbone, decay_free), params in groups.items()
+            for (is_backbone, no_wd), params in groups.items()
         ]
 
     def configure_optimizers(self) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
@@ -120,7 +121,12 @@ class DenseCrossAttention(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
 
     def forward(
-        self, query: Tensor, query_pos: Tensor | None, memory: Memory, ref_boxes: Tensor | None
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        memory: Memory,
+        ref_boxes: Tensor | None = None,
+        cross_pos: Tensor | None = None,
     ) -> Tensor:
         return self.attn(
             _with_pos(query, query_pos),
@@ -131,11 +137,65 @@ class DenseCrossAttention(nn.Module):
         )[0]
 
 
+class ConditionalCrossAttention(nn.Module):
+    """Conditional-DETR / DAB-DETR cross-attention: content and position kept apart per head.
+
+    Each head's query is [content query | projected ``cross_pos``] and its key is
+    [content key | projected memory position], so the dot product is the sum of a content and
+    a spatial term (scale 1/sqrt(2 d_head)). ``cross_pos`` is the anchor's sine encoding,
+    modulated by the predicted width/height (DAB-DETR). Only the first layer also adds the
+    query position to the content query and the memory position to the content key.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float, first_layer: bool) -> None:
+        super().__init__()
+        self.nhead, self.dropout = nhead, dropout
+        self.q_content = nn.Linear(d_model, d_model)
+        self.q_pos = nn.Linear(d_model, d_model) if first_layer else None
+        self.k_content = nn.Linear(d_model, d_model)
+        self.k_pos = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.q_sine = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        memory: Memory,
+        ref_boxes: Tensor | None = None,
+        cross_pos: Tensor | None = None,
+    ) -> Tensor:
+        if memory.pos is None or cross_pos is None:
+            raise ValueError("conditional cross-attention needs memory.pos and cross_pos")
+        b, q_len, d = query.shape
+        h = self.nhead
+        q = self.q_content(query)
+        k = self.k_content(memory.value)
+        k_pos = self.k_pos(memory.pos)
+        if self.q_pos is not None:
+            q = q + self.q_pos(query_pos)
+            k = k + k_pos
+
+        def heads(x: Tensor) -> Tensor:  # [B,N,d] -> [B,h,N,d/h]
+            return x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
+
+        q = torch.cat([heads(q), heads(self.q_sine(cross_pos))], -1)  # [B,h,Q,2d/h]
+        k = torch.cat([heads(k), heads(k_pos)], -1)  # [B,h,S,2d/h]
+        mask = None
+        if memory.padding_mask is not None:
+            mask = ~memory.padding_mask[:, None, None, :]  # True = may attend
+        out = F.scaled_dot_product_attention(
+            q, k, heads(self.v(memory.value)), mask, self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, q_len, d))
+
+
 class DecoderLayer(nn.Module):
     """Self-attention among queries, cross-attention to the memory, FFN.
 
-    ``cross_attn`` is any module called as ``cross_attn(query, pos, memory, ref_boxes)``;
-    it is what distinguishes DETR, DAB/DN-DETR and RT-DETRv2 decoders.
+    ``cross_attn`` is any module called as ``cross_attn(query, query_pos, memory, ref_boxes,
+    cross_pos)``; it is what distinguishes DETR, DAB/DN-DETR and RT-DETRv2 decoders.
     ``self_attn_mask`` (bool, True = blocked, ``[Q,Q]``) keeps denoising groups apart.
     """
 
@@ -176,8 +236,7 @@ class DecoderLayer(nn.Module):
         if not pre:
             tgt = self.norm1(tgt)
         y = self.norm2(tgt) if pre else tgt
-        pos = query_pos if cross_pos is None else cross_pos
-        tgt = tgt + self.dropout2(self.cross_attn(y, pos, memory, ref_boxes))
+        tgt = tgt + self.dropout2(self.cross_attn(y, query_pos, memory, ref_boxes, cross_pos))
         if not pre:
             tgt = self.norm2(tgt)
         return self.ffn(tgt)

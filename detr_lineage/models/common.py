@@ -1,0 +1,102 @@
+"""Parts the variants share: input normalisation, the single-scale encoder, output dicts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.backbone import BackboneConfig, build_backbone
+from ..nn.position import sine_position_encoding_2d
+from ..nn.transformer import MLP, EncoderLayer, Memory
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NormalizedBackbone(nn.Module):
+    """A trunk that normalises its input with its own statistics.
+
+    Images arrive in [0, 1] (data contract): DETR and DN-DETR use ImageNet mean/std, RT-DETR
+    none (``pixel_mean=None``), as their official code does.
+    """
+
+    def __init__(
+        self, cfg: BackboneConfig, pixel_mean: tuple | None, pixel_std: tuple | None
+    ) -> None:
+        super().__init__()
+        self.body = build_backbone(cfg)
+        self.out_channels: list[int] = self.body.out_channels
+        self.strides: list[int] = self.body.strides
+        mean = torch.tensor(pixel_mean or (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
+        std = torch.tensor(pixel_std or (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.body((images - self.pixel_mean) / self.pixel_std)
+
+
+def downsample_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Padding mask ``[B,H,W]`` -> ``[B,h,w]`` at a feature map's size (nearest)."""
+    return F.interpolate(masks[:, None].float(), size=size).to(torch.bool)[:, 0]
+
+
+class SingleScaleEncoder(nn.Module):
+    """DETR / DAB-DETR front end: last backbone map -> 1x1 conv -> transformer encoder -> Memory.
+
+    ``scale_pos`` is DAB-DETR's encoder detail: each layer's position embedding is scaled
+    element-wise by an MLP of the current tokens. ``pe_temperature`` is 10000 in DETR, 20 in DAB.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: str = "relu",
+        pre_norm: bool = False,
+        pe_temperature: float = 10000.0,
+        scale_pos: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = NormalizedBackbone(backbone, IMAGENET_MEAN, IMAGENET_STD)
+        self.input_proj = nn.Conv2d(self.backbone.out_channels[-1], d_model, 1)
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, pre_norm)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model) if pre_norm else None
+        self.pos_scale = MLP(d_model, d_model, d_model, 2) if scale_pos else None
+        self.d_model, self.pe_temperature = d_model, pe_temperature
+        for p in self.layers.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, images: Tensor, masks: Tensor) -> Memory:
+        """``images [B,3,H,W]``, ``masks [B,H,W]`` -> memory ``[B,hw,d]`` with positions, mask."""
+        feat = self.backbone(images)[-1]  # [B,C,h,w]
+        mask = downsample_mask(masks, feat.shape[-2:])  # [B,h,w]
+        pos = sine_position_encoding_2d(mask, self.d_model // 2, self.pe_temperature)
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # [B,hw,d]
+        pos = pos.flatten(2).transpose(1, 2).to(src.dtype)
+        key_mask = mask.flatten(1)
+        for layer in self.layers:
+            layer_pos = pos if self.pos_scale is None else pos * self.pos_scale(src)
+            src = layer(src, layer_pos, key_mask)
+        if self.norm is not None:
+            src = self.norm(src)
+        return Memory(src, pos, key_mask, [tuple(feat.shape[-2:])])
+
+
+def split_layers(logits: Tensor, boxes: Tensor, aux: bool = True) -> dict:
+    """Per-layer ``[L,B,Q,*]`` outputs -> last layer's dict, earlier ones in ``aux_outputs``."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux:
+        out["aux_outputs"] = [
+            {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+        ]
+    return out

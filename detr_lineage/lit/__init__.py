@@ -1,7 +1,7 @@
 """LightningModules, one per variant; YAMLs name them as ``class_path: detr_lineage.lit.DETR``."""
 
-from .base import DetectionModule
+from .base import DetectionModule, load_detector
 from .detr import DETR
 from .dn_detr import DNDETR
 
-__all__ = ["DETR", "DNDETR", "DetectionModule"]
+__all__ = ["DETR", "DNDETR", "DetectionModule", "load_detector"]

@@ -181,6 +181,7 @@ class DetectionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         checkpoint["wall_time_s"] = self._elapsed_before + elapsed
+        checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._elapsed_before = float(checkpoint.get("wall_time_s", 0.0))
@@ -243,3 +244,16 @@ class WarmupStepSchedule:
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         return warm * self.gamma ** sum(step >= m for m in self.milestones)
+
+
+def load_detector(ckpt_path: str, map_location: str = "cpu") -> DetectionModule:
+    """Any variant's checkpoint -> its LightningModule in eval mode (class read from the file)."""
+    import importlib
+
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    if "model_class" not in checkpoint:
+        raise ValueError(f"{ckpt_path}: not a detr_lineage checkpoint (no 'model_class' entry)")
+    module_name, _, class_name = checkpoint["model_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location)
+    return model.eval()

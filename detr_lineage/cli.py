@@ -120,12 +120,12 @@ EXTRA_COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``detr-lineage`` and ``python -m detr_lineage``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    if argv and argv[0] in EXTRA_COMMANDS:
+    if args and args[0] in EXTRA_COMMANDS:
         import importlib
 
-        importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+        importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:])
         return
     DetrLineageCLI(
         DetectionModule,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=argv,  # None: sys.argv
         auto_configure_optimizers=False,
     )
 

@@ -160,8 +160,8 @@ class DetectionModule(L.LightningModule):
         result = metric.compute()
         metric.reset()
         values = {f"{stage}/{k}": float(result[k]) for k in MAP_KEYS}
-        self.log_dict(values, prog_bar=False)
-        self.log(f"{stage}/map_50", values[f"{stage}/map_50"], prog_bar=True)
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name.endswith("map_50"))
         return values
 
     def on_validation_epoch_end(self) -> None:

@@ -94,7 +94,8 @@ def test_return_idx_all_stages() -> None:
     [(-1, []), (0, ["conv1", "bn1"]), (2, ["conv1", "bn1", "layer1", "layer2"])],
 )
 def test_freeze_at(freeze_at: int, frozen: list[str]) -> None:
-    net = ResNetVd(18, freeze_at=freeze_at)
+    with torch.device("meta"):
+        net = ResNetVd(18, freeze_at=freeze_at)
     for name, p in net.body.named_parameters():
         assert p.requires_grad == (name.split(".")[0] not in frozen), name
 

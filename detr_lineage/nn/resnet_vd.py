@@ -132,6 +132,8 @@ class ResNetVd(nn.Module):
             raise ValueError(f"return_idx must be increasing indices in 0..3, got {return_idx}")
         if freeze_at < -1:
             raise ValueError(f"freeze_at must be >= -1, got {freeze_at}")
+        if pretrained is not None and not Path(pretrained).is_file():  # fail before building
+            raise FileNotFoundError(f"ResNet-vd pretrained weights file not found: {pretrained}")
         self.depth = depth
         self.return_idx = return_idx
         # timm feature index 0 is the stem (stride 2), 1..4 are res2..res5.

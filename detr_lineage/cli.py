@@ -8,16 +8,20 @@ checkpoint's own version directory, so its curves continue in the same ``metrics
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from .lit import DetectionModule
 
@@ -48,17 +52,64 @@ def version_of_checkpoint(ckpt_path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+class ContinuingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; on resume this one keeps the
+    rows logged before the checkpoint's step (and drops any after it, so nothing repeats)."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        super().__init__(log_dir)
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if resume_step is None:  # a new run in an existing directory starts a new file
+            path.unlink()
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys
+
+    def _check_log_dir_exists(self) -> None:  # the parent's version deletes metrics.csv
+        pass
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """CSVLogger whose curves continue across ``--ckpt_path`` resumes."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuingCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuingCSVWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
 def make_loggers(
     run: RunConfig, model_name: str, ckpt_path: str | None, seed: int | None
 ) -> list[Logger]:
     name = run.name or model_name
     version = run.version if run.version is not None else version_of_checkpoint(ckpt_path)
-    csv = CSVLogger(run.dir, name=name, version=version)
-    loggers: list[Logger] = [csv]
+    resume_step = None
+    if ckpt_path:
+        resume_step = int(torch.load(ckpt_path, map_location="cpu", mmap=True)["global_step"])
+    csv_logger = ContinuingCSVLogger(
+        run.dir, name=name, version=version, resume_step=resume_step, flush_logs_every_n_steps=1
+    )
+    loggers: list[Logger] = [csv_logger]
     if run.wandb and os.environ.get("WANDB_MODE") != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
-        log_dir = Path(csv.log_dir)
+        log_dir = Path(csv_logger.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         id_file = log_dir / "wandb_id.txt"
         if not id_file.exists():

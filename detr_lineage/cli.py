@@ -12,6 +12,7 @@ import csv
 import os
 import re
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +114,7 @@ def make_loggers(
         log_dir.mkdir(parents=True, exist_ok=True)
         id_file = log_dir / "wandb_id.txt"
         if not id_file.exists():
-            import wandb
-
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         loggers.append(
             WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "detr-lineage"),
@@ -141,12 +140,14 @@ class DetrLineageCLI(LightningCLI):
         run = RunConfig(**{k: v for k, v in config["run"].items()})
         run.tags = list(run.tags or [])
         model_name = type(config_init["model"]).__name__.lower()
-        if trainer_cfg.get("logger") in (None, True) and not trainer_cfg.get("fast_dev_run"):
+        has_logger = trainer_cfg.get("logger") in (None, True)
+        if has_logger and not trainer_cfg.get("fast_dev_run"):
             kwargs["logger"] = make_loggers(
                 run, model_name, config.get("ckpt_path"), config.get("seed_everything")
             )
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        checkpointing = trainer_cfg.get("enable_checkpointing") is not False
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(
                 ModelCheckpoint(
                     monitor="val/map",
@@ -156,7 +157,7 @@ class DetrLineageCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
-        if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)

@@ -45,8 +45,10 @@ def read_csv(path: Path) -> list[dict]:
         (["experiments/toy/detr.yaml"], False),
         (["experiments/toy/dn_detr.yaml"], True),
         (["experiments/toy/dn_detr.yaml", "experiments/ablations/no_denoising.yaml"], False),
+        (["experiments/toy/rtdetr_v2.yaml"], True),
+        (["experiments/toy/rtdetr_v2.yaml", "experiments/ablations/no_denoising.yaml"], False),
     ],
-    ids=["detr", "dn_detr", "dn_detr_no_dn"],
+    ids=["detr", "dn_detr", "dn_detr_no_dn", "rtdetr_v2", "rtdetr_v2_no_dn"],
 )
 def test_fit_writes_csv_with_shared_names(tmp_path, configs, dn_terms):
     args = [a for c in configs for a in ("--config", str(ROOT / c))]
@@ -68,6 +70,7 @@ def test_fit_writes_csv_with_shared_names(tmp_path, configs, dn_terms):
     shared |= {"train/loss_class_aux0", "val/loss", "val/map", "val/map_50", "time/wall_s"}
     assert shared <= columns
     assert ("train/loss_dn_giou" in columns) == dn_terms
+    assert ("train/loss_enc_giou" in columns) == ("rtdetr" in configs[0])
     steps = [int(r["step"]) for r in rows if r["train/loss"]]
     assert steps == [0, 1, 2, 3, 4]
     assert (tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt").exists()

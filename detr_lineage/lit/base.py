@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -53,7 +55,7 @@ class DetectionModule(L.LightningModule):
     """Shared steps; subclasses set ``net``, ``criterion``, ``postprocess``.
 
     Optimiser: AdamW with the backbone at ``lr_backbone``; optionally no weight decay on norm
-    layers and biases (RT-DETR). Schedule, stepped every batch: linear warm-up over
+    layers (RT-DETR). Schedule, stepped every batch: linear warm-up over
     ``warmup_steps``, then x``lr_gamma`` at each epoch in ``lr_drop_epochs`` (DETR's StepLR).
     """
 
@@ -70,7 +72,7 @@ class DetectionModule(L.LightningModule):
         lr_drop_epochs: list[int] | None = None,
         lr_gamma: float = 0.1,
         warmup_steps: int = 0,
-        no_decay_on_norm_and_bias: bool = False,
+        no_decay_on_norm: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
@@ -78,8 +80,8 @@ class DetectionModule(L.LightningModule):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        self.val_map = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        self.map_metric = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        self._coco_detections: list[dict] = []
         self._t0: float | None = None
         self._elapsed_before = 0.0  # wall time of earlier sessions when resuming
 
@@ -144,31 +146,64 @@ class DetectionModule(L.LightningModule):
             gts.append({"boxes": cxcywh_to_xyxy(t["boxes"]) * scale, "labels": t["labels"]})
         return gts
 
-    def _eval_step(self, batch: dict, stage: str, metric: MeanAveragePrecision) -> list[dict]:
+    def coco_datamodule(self):
+        """The datamodule when it carries COCO ground truth (``coco_gt``), else None."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return dm if hasattr(dm, "coco_gt") and hasattr(dm, "label_to_category_id") else None
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
         outputs, _ = self._loss(batch, stage)
         dets = self.detections(outputs, batch["targets"])
-        metric.update(dets, self.ground_truth(batch["targets"]))
-        return dets
+        if self.coco_datamodule() is None:
+            self.map_metric.update(dets, self.ground_truth(batch["targets"]))
+            return
+        for d, t in zip(dets, batch["targets"]):
+            self._coco_detections.append(
+                {"image_id": int(t["image_id"]), **{k: v.cpu() for k, v in d.items()}}
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_map)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_map)
+        self._eval_step(batch, "test")
 
-    def _log_map(self, stage: str, metric: MeanAveragePrecision) -> dict[str, float]:
-        result = metric.compute()
-        metric.reset()
-        values = {f"{stage}/{k}": float(result[k]) for k in MAP_KEYS}
+    def _log_map(self, stage: str) -> None:
+        """COCO numbers of the epoch: the official evaluator on COCO-format data (original ids,
+        crowd regions respected), torchmetrics' (same algorithm) on toy data."""
+        dm = self.coco_datamodule()
+        if dm is None:
+            result = self.map_metric.compute()
+            self.map_metric.reset()
+            values = {k: float(result[k]) for k in MAP_KEYS}
+        else:
+            values = self._coco_evaluate(dm, stage)
         for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith("map_50"))
-        return values
+            self.log(f"{stage}/{name}", value, prog_bar=name == "map_50", sync_dist=False)
+
+    def _coco_evaluate(self, dm, stage: str) -> dict[str, float]:
+        from ..data.coco_eval import evaluate_coco, to_coco_results, write_coco_results
+
+        detections, self._coco_detections = self._coco_detections, []
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, detections)
+            detections = [d for part in gathered for d in part]
+        results = to_coco_results(detections, dm.label_to_category_id)
+        image_ids = sorted({d["image_id"] for d in detections})
+        stats = evaluate_coco(dm.coco_gt(stage), results, image_ids=image_ids)
+        if stage == "test" and self.trainer.is_global_zero:
+            print(stats.summary)
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = write_coco_results(out_dir / "coco_results.json", results)
+            print(f"COCO results written to {path}")
+        return dict(stats)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_map("val", self.val_map)
+        self._log_map("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_map("test", self.test_map)
+        self._log_map("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         outputs = self.net(batch["images"], batch["masks"])
@@ -182,22 +217,25 @@ class DetectionModule(L.LightningModule):
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         checkpoint["wall_time_s"] = self._elapsed_before + elapsed
         checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        for key in ("label_to_category_id", "class_names"):
+            if getattr(dm, key, None) is not None:
+                checkpoint[key] = list(getattr(dm, key))  # write results back in dataset ids
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._elapsed_before = float(checkpoint.get("wall_time_s", 0.0))
 
     # -- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Backbone at ``lr_backbone``; optionally norm/bias parameters without weight decay."""
+        """Backbone at ``lr_backbone``; optionally norm parameters without weight decay."""
         hp = self.hparams
         groups: dict[tuple[bool, bool], list] = {}
         norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
         no_decay = set()
-        if hp.no_decay_on_norm_and_bias:
+        if hp.no_decay_on_norm:
             for module in self.net.modules():
-                for name, p in module.named_parameters(recurse=False):
-                    if isinstance(module, norm_types) or name == "bias":
-                        no_decay.add(p)
+                if isinstance(module, norm_types):
+                    no_decay.update(module.parameters(recurse=False))
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue

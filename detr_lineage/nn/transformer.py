@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
+from .deformable import MSDeformableAttention
 
 
 def make_activation(name: str) -> nn.Module:
@@ -191,6 +192,39 @@ class ConditionalCrossAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, q_len, d))
 
 
+class DeformableCrossAttention(nn.Module):
+    """RT-DETRv2's cross-attention: each query samples a few points per level around its box."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        num_levels: int,
+        num_points: int | Sequence[int] = 4,
+        method: str = "default",
+    ) -> None:
+        super().__init__()
+        self.attn = MSDeformableAttention(d_model, nhead, num_levels, num_points, 0.5, method)
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor | None,
+        memory: Memory,
+        ref_boxes: Tensor | None = None,
+        cross_pos: Tensor | None = None,
+    ) -> Tensor:
+        if ref_boxes is None or memory.spatial_shapes is None:
+            raise ValueError("deformable cross-attention needs ref_boxes and memory.spatial_shapes")
+        return self.attn(
+            _with_pos(query, query_pos),
+            ref_boxes,
+            memory.value,
+            memory.spatial_shapes,
+            memory.padding_mask,
+        )
+
+
 class DecoderLayer(nn.Module):
     """Self-attention among queries, cross-attention to the memory, FFN.
 
@@ -276,11 +310,15 @@ class Decoder(nn.Module):
         query_pos: Tensor | None = None,
         ref_boxes: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
+        num_layers: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``tgt [B,Q,d]`` -> (states ``[L,B,Q,d]``, boxes ``[L,B,Q,4]`` or None)."""
+        """``tgt [B,Q,d]`` -> (states ``[L,B,Q,d]``, boxes ``[L,B,Q,4]`` or None).
+
+        ``num_layers`` runs only the first layers (RT-DETR's ``eval_idx``: depth cut at inference).
+        """
         states, boxes = [], []
         prev_box = None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             cross_pos = None
             if self.query_pos_head is not None:
                 query_pos, cross_pos = self.query_pos_head(ref_boxes, tgt, i)

@@ -6,9 +6,9 @@ named from its axes (``dn_detr-dn_on-crowded-s1``), grouped without the seed
 (``dn_detr-dn_on-crowded``), tagged, and written to ``<out>/<name>/version_0/``.
 
 Re-running the same command continues the ablation: a run with a ``DONE`` marker (written after
-a successful exit) is skipped; a run without one resumes from its newest readable checkpoint
-(``ResumeCheckpoint`` saves one every ``checkpoint_every_n_steps``), its ``metrics.csv`` kept
-unbroken (``resume.prepare_resume``); a run that died before its first checkpoint starts over.
+a successful exit) is skipped; a run without one resumes (``--ckpt_path``) from its newest
+readable checkpoint (``ResumeCheckpoint`` saves one every ``checkpoint_every_n_steps``), its
+``metrics.csv`` continuing; a run that died before its first checkpoint starts over.
 Seeds are the outer loop, so an ablation stopped half-way has every configuration once.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .resume import ResumeCheckpoint, finish_resume, latest_checkpoint, prepare_resume
+from .resume import ResumeCheckpoint, latest_checkpoint
 from .summary import format_duration
 
 DONE_FILE = "DONE"
@@ -125,8 +125,14 @@ class Spec:
     notes: list[str] = field(default_factory=list)
 
 
+def _under(root: Path, path: str) -> str:
+    """Config paths are relative to ``root`` (the repository); kept relative when it is ``.``."""
+    path = str(path)
+    return path if Path(path).is_absolute() or root == Path(".") else str(root / path)
+
+
 def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = ".") -> Spec:
-    """A spec mapping (a YAML file's content) -> ``Spec``; paths are relative to ``root``.
+    """A spec mapping (a YAML file's content) -> ``Spec``; config paths are relative to ``root``.
 
     Variants whose config is missing are an error, unless marked ``optional`` (then dropped with
     a note: how the RT-DETRv2 entry waits for its config).
@@ -148,7 +154,8 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = "
         configs = [configs] if isinstance(configs, str) else list(configs or [])
         if not configs:
             raise ValueError(f"variant {vname!r} needs a config")
-        missing = [c for c in configs if not (root / c).is_file()]
+        configs = [_under(root, c) for c in configs]
+        missing = [c for c in configs if not Path(c).is_file()]
         if missing and body.get("optional"):
             notes.append(f"variant {vname} skipped: {', '.join(missing)} does not exist yet")
             continue
@@ -177,7 +184,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = "
         axes=axes,
         exclude=[{str(k): str(v) for k, v in e.items()} for e in raw.get("exclude") or []],
         overrides=dict(raw.get("overrides") or {}),
-        denoising_off_config=str(raw.get("denoising_off_config", DEFAULT_OFF_CONFIG)),
+        denoising_off_config=_under(root, raw.get("denoising_off_config", DEFAULT_OFF_CONFIG)),
         checkpoint_every_n_steps=int(every) if every else None,
         compare=dict(raw.get("compare") or {}),
         notes=notes,
@@ -384,9 +391,9 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
-def _run_child(cmd: list[str]) -> int:
+def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run one training; Ctrl-C / SIGTERM stop it gracefully (its last checkpoint stays)."""
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
     except (KeyboardInterrupt, _Terminated):
@@ -406,6 +413,7 @@ def execute(
     checkpoint_every_n_steps: int | None = None,
     dry_run: bool = False,
     log=print,
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """Train the runs not finished yet, in order; returns the names of the failed ones."""
     start, failed, durations = time.monotonic(), [], []
@@ -432,9 +440,7 @@ def execute(
             log(f"{head}: {what}\n    {shlex.join(cmd)}")
             continue
         if state.status == "resume":
-            dropped = prepare_resume(directory, state.step)
-            extra = f", {dropped} log rows after it dropped" if dropped else ""
-            log(f"{head}: resuming from step {state.step} ({ckpt.name}{extra})")
+            log(f"{head}: resuming from step {state.step} ({ckpt.name})")
         elif state.status == "restart":
             log(f"{head}: the earlier attempt left no checkpoint; starting over")
             shutil.rmtree(directory)
@@ -446,10 +452,7 @@ def execute(
         log(f"{head} ... (elapsed {format_duration(elapsed)}{eta})")
         log(f"    {shlex.join(cmd)}")
         t0 = time.monotonic()
-        try:
-            code = _run_child(cmd)
-        finally:
-            finish_resume(directory)
+        code = _run_child(cmd, env)
         took = time.monotonic() - t0
         elapsed = format_duration(time.monotonic() - start)
         if code == 0:
@@ -473,6 +476,7 @@ def run_spec(
     dry_run: bool = False,
     compare_runs: bool = True,
     log=print,
+    env: dict[str, str] | None = None,
 ) -> tuple[list[PlannedRun], list[str]]:
     """Expand, train what is missing, compare into ``<out>/comparison``; -> (runs, failed)."""
     out = Path(out or spec.out)
@@ -485,11 +489,15 @@ def run_spec(
     for note in spec.notes:
         log(f"note: {note}")
     log(f"{spec.name}: {len(runs)} runs into {out}")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:  # SIGTERM (a scheduler, `kill`): stop the training gracefully, like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
-        failed = execute(runs, out, spec.checkpoint_every_n_steps, dry_run, log)
+        failed = execute(runs, out, spec.checkpoint_every_n_steps, dry_run, log, env)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if dry_run or not compare_runs:
         return runs, failed
     existing = [str(out / r.name) for r in runs if (r.version_dir(out) / "metrics.csv").is_file()]
@@ -572,9 +580,10 @@ def main(argv: list[str]) -> None:
     spec = load_spec(args.spec)
     if args.write_sweep:
         header = (
-            f"# W&B grid sweep over the runs of {args.spec} (written by `detr-lineage ablate "
-            f"{args.spec} --write-sweep {args.write_sweep}`).\n"
-            f"# wandb sweep {args.write_sweep} && wandb agent <sweep id>\n"
+            f"# W&B grid sweep over the runs of {args.spec}, one agent call per run, each the\n"
+            "# same `fit` command (names, groups, tags) as a local `detr-lineage ablate`.\n"
+            f"# Written by: detr-lineage ablate {args.spec} --write-sweep {args.write_sweep}\n"
+            "# (re-run it when the spec changes). Use: wandb sweep <this file>; wandb agent <id>\n"
         )
         body = yaml.safe_dump(sweep_config(spec, args.spec), sort_keys=False)
         Path(args.write_sweep).write_text(header + body)

@@ -20,7 +20,13 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .runs import find_run_dirs
+from .runs import find_run_dirs, group_runs, load_runs
+
+
+def one_run_per_group(runs_dir: str | Path) -> dict[str, Path]:
+    """group -> the run dir of its first seed, for everything under ``runs_dir``."""
+    groups = group_runs(load_runs([runs_dir]))
+    return {name: Path(runs[0].path) for name, runs in groups.items()}
 
 
 def find_checkpoint(run_dir: str | Path, prefer: str = "best") -> Path:
@@ -74,7 +80,8 @@ def plot_predictions(
         ax.axis("off")
     for ax, image, target, det in zip(axes.flat, batch["images"], batch["targets"], detections):
         h, w = target["orig_size"].tolist()
-        ax.imshow(image[:, :h, :w].permute(1, 2, 0).clamp(0, 1).numpy())
+        pixels = image[:, :h, :w].permute(1, 2, 0).clamp(0, 1).numpy()
+        ax.imshow(pixels, extent=(0, w, h, 0))  # pixel edges on integers, as the boxes
         gt = model.ground_truth([target])[0]
         for box in gt["boxes"].tolist():
             ax.add_patch(_box(box, "lime", "--"))
@@ -174,5 +181,4 @@ def plot_query_specialization(
     fig.suptitle(
         f"{title}\nbox centres per query slot over {len(boxes)} images; {note}", fontsize=9
     )
-    fig.tight_layout()
     return fig

@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # The main job: the toy comparison of the variants (see README), plots and table under runs/.
 train: install
-	$(PY) -m detr_lineage fit --config experiments/toy/detr.yaml
+	$(PY) -m detr_lineage ablate experiments/ablations/toy_main.yaml
 
 test: install
 	$(PY) -m ruff check .

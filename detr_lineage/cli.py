@@ -113,8 +113,8 @@ def make_loggers(
         log_dir = Path(csv_logger.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         id_file = log_dir / "wandb_id.txt"
-        if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
+        if not id_file.exists():  # a W&B sweep agent chooses the id itself
+            id_file.write_text(os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12])
         loggers.append(
             WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "detr-lineage"),

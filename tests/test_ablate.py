@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -215,6 +216,32 @@ def test_execute_skips_done_resumes_and_restarts(tmp_path, monkeypatch):
     assert sum("finished earlier, skipped" in line for line in lines) == 3
     notes = [line for line in lines if "other arguments" in line]
     assert len(notes) == 1 and "d-dn_off-s0" in notes[0]  # resumed runs count as the same
+
+
+def test_parallel_jobs_share_the_cpu_and_finish_every_run(tmp_path, monkeypatch):
+    runs = expand(parse_spec({"variants": {"d": {"config": DETR, "denoising": "none"}},
+                              "seeds": [0, 1, 2]}))  # fmt: skip
+    active, peak, threads = [0], [0], []
+    lock = threading.Lock()
+
+    def fake_child(cmd, env=None):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threads.append(env["OMP_NUM_THREADS"])
+        time.sleep(0.2)
+        (tmp_path / cmd[cmd.index("--run.name") + 1] / "version_0").mkdir(parents=True)
+        with lock:
+            active[0] -= 1
+        return 1 if "s1" in cmd[cmd.index("--run.name") + 1] else 0
+
+    monkeypatch.setattr(ablate, "_run_child", fake_child)
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    lines = []
+    assert ablate.execute(runs, tmp_path, 4, log=lines.append, jobs=2) == ["d-dn_off-s1"]
+    assert peak[0] == 2 and threads == ["2", "2", "2"]
+    assert [(r.version_dir(tmp_path) / "DONE").exists() for r in runs] == [True, False, True]
 
 
 def test_dry_run_touches_nothing(tmp_path, capsys):

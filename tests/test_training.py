@@ -74,7 +74,7 @@ def test_bad_targets_are_named():
         "image_id": 17,
     }
     with pytest.raises(ValueError, match=r"image 17: target box .* outside \[0, 1\]"):
-        check_targets([outside], 6)
+        check_targets([good, good, outside], 6)  # the bad image is found inside the batch
     with pytest.raises(ValueError, match="label 6 is outside"):
         check_targets([{**good, "labels": torch.tensor([6]), "image_id": 3}], 6)
     with pytest.raises(ValueError, match=r"boxes must be \[n,4\]"):

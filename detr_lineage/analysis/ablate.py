@@ -23,8 +23,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,20 +393,43 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
+_children: set[subprocess.Popen] = set()  # trainings in flight, stopped together on Ctrl-C
+
+
+def _stop_children() -> None:
+    """SIGINT every training in flight (Lightning then stops gracefully; checkpoints stay)."""
+    procs = [p for p in list(_children) if p.poll() is None]
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run one training; Ctrl-C / SIGTERM stop it gracefully (its last checkpoint stays)."""
     proc = subprocess.Popen(cmd, env=env)
+    _children.add(proc)
     try:
         return proc.wait()
     except (KeyboardInterrupt, _Terminated):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Lightning shuts down gracefully on SIGINT
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_children()
         raise
+    finally:
+        _children.discard(proc)
+
+
+def child_env(jobs: int, env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """With ``jobs`` trainings at once, give each ``cpu_count // jobs`` torch threads
+    (oversubscribed CPU threads make every step several times slower)."""
+    if jobs <= 1:
+        return env
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
 
 
 def execute(
@@ -414,11 +439,17 @@ def execute(
     dry_run: bool = False,
     log=print,
     env: dict[str, str] | None = None,
+    jobs: int = 1,
 ) -> list[str]:
-    """Train the runs not finished yet, in order; returns the names of the failed ones."""
+    """Train the runs not finished yet, in order, ``jobs`` at a time; returns the failed names.
+
+    ``jobs > 1`` trains several runs at once (each with a share of the CPU threads): more
+    throughput on a CPU, but each run's wall-time axis is then measured under contention.
+    """
     start, failed, durations = time.monotonic(), [], []
     total = len(runs)
     width = len(str(total))
+    todo = []
     for i, run in enumerate(runs, 1):
         head = f"[{i:>{width}}/{total}] {run.name}"
         state = run_state(run, out)
@@ -439,34 +470,62 @@ def execute(
             what = what or f"to resume from step {state.step} ({ckpt.name})"
             log(f"{head}: {what}\n    {shlex.join(cmd)}")
             continue
-        if state.status == "resume":
-            log(f"{head}: resuming from step {state.step} ({ckpt.name})")
-        elif state.status == "restart":
-            log(f"{head}: the earlier attempt left no checkpoint; starting over")
-            shutil.rmtree(directory)
-        elapsed = time.monotonic() - start
-        eta = ""
-        if durations:
-            left = sum(durations) / len(durations) * (total - i + 1)
-            eta = f", ~{format_duration(left)} left"
-        log(f"{head} ... (elapsed {format_duration(elapsed)}{eta})")
-        log(f"    {shlex.join(cmd)}")
+        todo.append((head, run, state, cmd))
+
+    lock, stopping = threading.Lock(), threading.Event()
+    env = child_env(jobs, env)
+
+    def train(item: tuple, position: int) -> None:
+        head, run, state, cmd = item
+        directory = run.version_dir(out)
+        if stopping.is_set():
+            return
+        with lock:
+            if state.status == "resume":
+                log(f"{head}: resuming from step {state.step} ({state.checkpoint.name})")
+            elif state.status == "restart":
+                log(f"{head}: the earlier attempt left no checkpoint; starting over")
+                shutil.rmtree(directory)
+            eta = ""
+            if durations:
+                left = sum(durations) / len(durations) * (len(todo) - position) / max(jobs, 1)
+                eta = f", ~{format_duration(left)} left"
+            log(f"{head} ... (elapsed {format_duration(time.monotonic() - start)}{eta})")
+            log(f"    {shlex.join(cmd)}")
         t0 = time.monotonic()
         code = _run_child(cmd, env)
         took = time.monotonic() - t0
-        elapsed = format_duration(time.monotonic() - start)
-        if code == 0:
-            durations.append(took)
-            info = {"command": cmd, "duration_s": round(took, 1), "finished": time.ctime()}
-            (directory / DONE_FILE).write_text(json.dumps(info, indent=1) + "\n")
-            log(f"{head} done (elapsed {elapsed}, run {format_duration(took)})")
-        else:
-            failed.append(run.name)
-            log(
-                f"{head} FAILED with exit code {code} (elapsed {elapsed}, run "
-                f"{format_duration(took)}); the same command resumes it"
-            )
-    return failed
+        if stopping.is_set():
+            return  # stopped by Ctrl-C / SIGTERM: not finished, whatever its exit code
+        with lock:
+            elapsed = format_duration(time.monotonic() - start)
+            if code == 0:
+                durations.append(took)
+                info = {"command": cmd, "duration_s": round(took, 1), "finished": time.ctime()}
+                (directory / DONE_FILE).write_text(json.dumps(info, indent=1) + "\n")
+                log(f"{head} done (elapsed {elapsed}, run {format_duration(took)})")
+            else:
+                failed.append(run.name)
+                log(
+                    f"{head} FAILED with exit code {code} (elapsed {elapsed}, run "
+                    f"{format_duration(took)}); the same command resumes it"
+                )
+
+    if jobs <= 1:
+        for position, item in enumerate(todo):
+            train(item, position)
+        return failed
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        for future in [pool.submit(train, item, k) for k, item in enumerate(todo)]:
+            future.result()
+    except (KeyboardInterrupt, _Terminated):
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_children()
+        raise
+    pool.shutdown()
+    return sorted(failed, key=[r.name for r in runs].index)
 
 
 def run_spec(
@@ -477,6 +536,7 @@ def run_spec(
     compare_runs: bool = True,
     log=print,
     env: dict[str, str] | None = None,
+    jobs: int = 1,
 ) -> tuple[list[PlannedRun], list[str]]:
     """Expand, train what is missing, compare into ``<out>/comparison``; -> (runs, failed)."""
     out = Path(out or spec.out)
@@ -494,7 +554,7 @@ def run_spec(
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        failed = execute(runs, out, spec.checkpoint_every_n_steps, dry_run, log, env)
+        failed = execute(runs, out, spec.checkpoint_every_n_steps, dry_run, log, env, jobs)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -564,7 +624,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="train only matching grid points (variant, denoising, seed, group, name, axis)",
     )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds to run instead of the spec's"
+    )
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings at once, each with cpu_count/jobs torch threads (default 1; wall-time "
+        "curves of concurrent runs are measured under contention)",
+    )
     parser.add_argument(
         "--write-sweep",
         metavar="PATH",
@@ -578,6 +648,8 @@ def main(argv: list[str]) -> None:
     """Entry point of ``detr-lineage ablate``."""
     args = build_parser().parse_args(argv)
     spec = load_spec(args.spec)
+    if args.seeds:
+        spec.seeds = list(args.seeds)
     if args.write_sweep:
         header = (
             f"# W&B grid sweep over the runs of {args.spec}, one agent call per run, each the\n"
@@ -591,7 +663,9 @@ def main(argv: list[str]) -> None:
         return
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
-        _, failed = run_spec(spec, args.out, args.only, args.dry_run, not args.no_compare)
+        _, failed = run_spec(
+            spec, args.out, args.only, args.dry_run, not args.no_compare, jobs=args.jobs
+        )
     except (KeyboardInterrupt, _Terminated):
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)

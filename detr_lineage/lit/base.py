@@ -26,29 +26,38 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
 
 def check_targets(targets: list[dict], num_classes: int) -> None:
-    """Fail loudly, naming the image, on labels or boxes that would silently train wrong."""
+    """Fail loudly, naming the image, on labels or boxes that would silently train wrong.
+
+    One vectorised check over the whole batch; the per-image search runs only on failure.
+    """
     for t in targets:
-        labels, boxes = t["labels"], t["boxes"]
-        image = t.get("image_id", "?")
+        boxes, labels = t["boxes"], t["labels"]
         if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
             raise ValueError(
-                f"image {image}: boxes must be [n,4] with one label each, "
+                f"image {t.get('image_id', '?')}: boxes must be [n,4] with one label each, "
                 f"got boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)}"
             )
-        if len(labels) == 0:
-            continue
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(
-                f"image {image}: label {int(labels.max())} is outside [0, {num_classes}); "
-                f"is num_classes={num_classes} smaller than the dataset's number of classes?"
-            )
-        xyxy = cxcywh_to_xyxy(boxes)
-        if (xyxy < -1e-4).any() or (xyxy > 1 + 1e-4).any() or (boxes[:, 2:] <= 0).any():
-            bad = boxes[((xyxy < -1e-4) | (xyxy > 1 + 1e-4)).any(1) | (boxes[:, 2:] <= 0).any(1)]
-            raise ValueError(
-                f"image {image}: target box {bad[0].tolist()} (cxcywh) is outside [0, 1] or "
-                "has no area; boxes must be normalised cxcywh"
-            )
+    labels = torch.cat([t["labels"] for t in targets])
+    if len(labels) == 0:
+        return
+    boxes = torch.cat([t["boxes"] for t in targets])
+    xyxy = cxcywh_to_xyxy(boxes)
+    bad_box = ((xyxy < -1e-4) | (xyxy > 1 + 1e-4)).any(1) | (boxes[:, 2:] <= 0).any(1)
+    bad_label = (labels < 0) | (labels >= num_classes)
+    if not bool((bad_box | bad_label).any()):
+        return
+    image_of = torch.cat([torch.full((len(t["labels"]),), i) for i, t in enumerate(targets)])
+    first = int(torch.nonzero(bad_box | bad_label)[0])
+    image = targets[int(image_of[first])].get("image_id", "?")
+    if bad_label[first]:
+        raise ValueError(
+            f"image {image}: label {int(labels[first])} is outside [0, {num_classes}); "
+            f"is num_classes={num_classes} smaller than the dataset's number of classes?"
+        )
+    raise ValueError(
+        f"image {image}: target box {boxes[first].tolist()} (cxcywh) is outside [0, 1] or "
+        "has no area; boxes must be normalised cxcywh"
+    )
 
 
 class DetectionModule(L.LightningModule):

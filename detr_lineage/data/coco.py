@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detr_lineage.data.collate import collate_detection
+from detr_lineage.data.collate import DetectionLoader, collate_detection
 from detr_lineage.data.transforms import (
     DETR_CROP_RESIZE,
     DETR_CROP_SIZE,
@@ -593,7 +593,7 @@ class CocoDataModule(L.LightningDataModule):
             return []  # split switched off (annotations: null): Lightning runs no batches
         dataset = self._dataset(split)
         batch_size = self.batch_size if train else self.val_batch_size
-        return DataLoader(
+        return DetectionLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,

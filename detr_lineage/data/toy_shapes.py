@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detr_lineage.data.collate import collate_detection
+from detr_lineage.data.collate import DetectionLoader, collate_detection
 
 __all__ = [
     "CLASS_NAMES",
@@ -560,7 +560,7 @@ class ToyShapesDataModule(L.LightningDataModule):
         return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
 
     def _loader(self, dataset: ToyShapesDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return DetectionLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: the toy comparison of the variants (see README), plots and table under runs/.
+# ARGS go to `detr-lineage ablate`, e.g. make train ARGS="--seeds 0 1 2 --jobs 2".
+ARGS ?=
 train: install
-	$(PY) -m detr_lineage ablate experiments/ablations/toy_main.yaml
+	$(PY) -m detr_lineage ablate experiments/ablations/toy_main.yaml $(ARGS)
 
 test: install
 	$(PY) -m ruff check .

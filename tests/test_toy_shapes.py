@@ -248,12 +248,18 @@ def test_packed_targets_round_trip_exactly() -> None:
 
 def test_worker_batches_equal_in_process_batches() -> None:
     """A loader worker sends targets packed; what arrives is the same batch as without workers."""
+    from torch.utils.data import DataLoader
+
+    from detr_lineage.data.collate import PACKED
+
     kw = dict(preset="crowded", image_size=SMALL, num_train=8, num_val=8, batch_size=4, seed=3)
     batches = []
     for workers in (0, 1):
         dm = ToyShapesDataModule(num_workers=workers, **kw)
         dm.setup("fit")
         batches.append(list(dm.val_dataloader()))
+    raw = next(iter(DataLoader.__iter__(dm.val_dataloader())))  # before unpacking
+    assert PACKED in raw["targets"]  # the worker did send them packed
     for a, b in zip(*batches, strict=True):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"])
         assert isinstance(b["targets"], list) and len(a["targets"]) == len(b["targets"])

@@ -488,7 +488,7 @@ def execute(
                 shutil.rmtree(directory)
             eta = ""
             if durations:
-                left = sum(durations) / len(durations) * (len(todo) - position) / max(jobs, 1)
+                left = sum(durations) / len(durations) * (len(todo) - position) / jobs
                 eta = f", ~{format_duration(left)} left"
             log(f"{head} ... (elapsed {format_duration(time.monotonic() - start)}{eta})")
             log(f"    {shlex.join(cmd)}")
@@ -646,7 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     """Entry point of ``detr-lineage ablate``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     spec = load_spec(args.spec)
     if args.seeds:
         spec.seeds = list(args.seeds)

@@ -73,11 +73,13 @@ def pack_targets(targets: list[dict[str, Any]]) -> dict[str, Any]:
     for key in keys:
         values = [t.get(key) for t in targets]
         first = values[0]
-        same = all(
-            isinstance(v, Tensor) and v.dtype == first.dtype and v.shape[1:] == first.shape[1:]
+        if all(
+            isinstance(v, Tensor)
+            and v.dim() > 0
+            and v.dtype == first.dtype
+            and v.shape[1:] == first.shape[1:]
             for v in values
-        )
-        if same and first.dim() > 0 and all(v.dim() > 0 for v in values):
+        ):
             tensors[key], lengths[key] = torch.cat(values), [len(v) for v in values]
         else:
             lists[key] = values

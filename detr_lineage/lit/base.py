@@ -37,6 +37,8 @@ def check_targets(targets: list[dict], num_classes: int) -> None:
                 f"image {t.get('image_id', '?')}: boxes must be [n,4] with one label each, "
                 f"got boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)}"
             )
+    if not targets:
+        return
     labels = torch.cat([t["labels"] for t in targets])
     if len(labels) == 0:
         return

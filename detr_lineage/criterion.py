@@ -92,11 +92,20 @@ class SetCriterion(nn.Module):
                 logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
             )
             target_classes[batch_idx, src_idx] = tgt_labels
-            if class_mask is not None:
+            reduction = "mean"
+            if class_mask is not None:  # weighted mean over the unmasked slots, 0 if none
                 target_classes[~class_mask] = -100  # ignore_index
+                reduction = "sum"
             loss_class = F.cross_entropy(
-                logits.transpose(1, 2), target_classes, self.empty_weight, ignore_index=-100
+                logits.transpose(1, 2),
+                target_classes,
+                self.empty_weight,
+                ignore_index=-100,
+                reduction=reduction,
             )
+            if class_mask is not None:
+                weight = self.empty_weight[target_classes.clamp(min=0)] * class_mask
+                loss_class = loss_class / weight.sum().clamp(min=1e-6)
         else:
             onehot = torch.zeros_like(logits)
             onehot[batch_idx, src_idx, tgt_labels] = 1.0

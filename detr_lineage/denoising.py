@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from .boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from .models.common import split_layers
+from .nn.outputs import split_layers
 
 
 @dataclass

@@ -53,12 +53,13 @@ def read_csv(path: Path) -> list[dict]:
     "configs, dn_terms",
     [
         (["experiments/toy/detr.yaml"], False),
+        (["experiments/toy/detr.yaml", "experiments/ablations/with_denoising.yaml"], True),
         (["experiments/toy/dn_detr.yaml"], True),
         (["experiments/toy/dn_detr.yaml", "experiments/ablations/no_denoising.yaml"], False),
         (["experiments/toy/rtdetr_v2.yaml"], True),
         (["experiments/toy/rtdetr_v2.yaml", "experiments/ablations/no_denoising.yaml"], False),
     ],
-    ids=["detr", "dn_detr", "dn_detr_no_dn", "rtdetr_v2", "rtdetr_v2_no_dn"],
+    ids=["detr", "detr_dn", "dn_detr", "dn_detr_no_dn", "rtdetr_v2", "rtdetr_v2_no_dn"],
 )
 def test_fit_writes_csv_with_shared_names(tmp_path, configs, dn_terms):
     args = [a for c in configs for a in ("--config", str(ROOT / c))]

@@ -1,4 +1,7 @@
-"""Denoising queries: mask, noise bounds, flip rate, bookkeeping, no leakage, empty batches."""
+"""Denoising queries: mask, noise bounds, flip rate, bookkeeping, no leakage, empty batches.
+
+The network-level tests run for every variant with denoising: DETR, DN-DETR and RT-DETRv2.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from detr_lineage.denoising import (
     noise_boxes,
 )
 from detr_lineage.matcher import HungarianMatcher
+from detr_lineage.models.detr import DenoisingQueryPosition, DETRNet
 from detr_lineage.models.dn_detr import DNDETRNet
+from detr_lineage.models.rtdetr_v2 import RTDETRv2Net
 from detr_lineage.nn.backbone import BackboneConfig
+from detr_lineage.nn.position import sine_encoding_of_boxes
 
 
 def target(labels: list[int], boxes: list[list[float]], image_id: int = 0) -> dict:
@@ -124,114 +130,201 @@ def test_label_flip_rate_matches_config():
     assert counts.nanmean() > 0 and (counts[counts == counts] > 0).all()  # every other class
 
 
-def tiny_net(denoising: DenoisingConfig | None, num_classes: int = 4) -> DNDETRNet:
+def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_classes: int = 4):
+    """A tiny network of ``variant`` (detr | dn_detr | rtdetr_v2) with 5 matching queries."""
     torch.manual_seed(0)
-    return DNDETRNet(
-        num_classes,
-        BackboneConfig(name="conv", channels=[8, 16], return_strides=[4], frozen_bn=False),
+    common = dict(num_classes=num_classes, nhead=4, num_decoder_layers=2, dim_feedforward=64)
+    if variant == "rtdetr_v2":
+        backbone = BackboneConfig("conv", channels=[8, 16, 32, 32], return_strides=[4, 8, 16])
+        return RTDETRv2Net(
+            backbone=backbone,
+            hidden_dim=32,
+            encoder_dim=32,
+            encoder_dim_feedforward=64,
+            expansion=0.5,
+            depth_mult=0.34,
+            num_queries=5,
+            denoising=denoising,
+            **common,
+        )
+    cls = DETRNet if variant == "detr" else DNDETRNet
+    return cls(
+        backbone=BackboneConfig(name="conv", channels=[8, 16], return_strides=[4], frozen_bn=False),
         d_model=32,
-        nhead=4,
         num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=64,
         dropout=0.0,
         num_queries=5,
         denoising=denoising,
+        **common,
     )
 
 
-def test_no_leakage_between_groups_and_into_matching(monkeypatch):
-    net = tiny_net(DenoisingConfig(groups=2)).train()
-    images, masks = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
-    base = make_denoising_queries(ONE_AND_THREE, net.denoising, 4, 5)
+def criterion(variant: str, num_classes: int = 4) -> SetCriterion:
+    """Each variant's own class loss (DETR: CE + eos_coef, DN-DETR: focal, RT-DETRv2: VFL)."""
+    if variant == "detr":
+        return SetCriterion(num_classes, HungarianMatcher(1, 5, 2, "softmax"), "ce", 1, 5, 2, 0.1)
+    if variant == "dn_detr":
+        matcher = HungarianMatcher(2, 5, 2, "focal")
+        return SetCriterion(num_classes, matcher, "focal", 1, 5, 2, alpha=0.25, gamma=2)
+    matcher = HungarianMatcher(2, 5, 2, "focal")
+    return SetCriterion(num_classes, matcher, "vfl", 1, 5, 2, alpha=0.75, gamma=2)
+
+
+VARIANTS = ["detr", "dn_detr", "rtdetr_v2"]
+IMAGES, MASKS = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_no_leakage_between_groups_and_into_matching(monkeypatch, variant, contrastive):
+    cfg = DenoisingConfig(groups=2, contrastive=contrastive)
+    net = tiny_net(cfg, variant).train()
+    base = make_denoising_queries(ONE_AND_THREE, cfg, 4, 5)
+    slots = base.meta.slots_per_group
     changed = copy.deepcopy(base)
-    group1 = slice(3, 6)
+    group1 = slice(slots, 2 * slots)
     changed.labels[:, group1] = (changed.labels[:, group1] + 1) % 4
     changed.boxes[:, group1] = torch.rand_like(changed.boxes[:, group1]) * 0.5 + 0.25
     outs = []
     for q in (base, changed):
         monkeypatch.setattr(
-            "detr_lineage.models.dn_detr.make_denoising_queries", lambda *a, q=q, **k: q
+            f"detr_lineage.models.{variant}.make_denoising_queries", lambda *a, q=q, **k: q
         )
-        outs.append(net(images, masks, ONE_AND_THREE))
+        outs.append(net(IMAGES, MASKS, ONE_AND_THREE))
     a, b = outs
     torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=1e-6)
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(
-            a["dn_outputs"][key][:, :3], b["dn_outputs"][key][:, :3], rtol=0, atol=1e-6
+            a["dn_outputs"][key][:, :slots], b["dn_outputs"][key][:, :slots], rtol=0, atol=1e-6
         )
-        assert not torch.allclose(a["dn_outputs"][key][:, 3:], b["dn_outputs"][key][:, 3:])
+        assert not torch.allclose(a["dn_outputs"][key][:, slots:], b["dn_outputs"][key][:, slots:])
 
 
-def test_matching_outputs_do_not_depend_on_denoising_targets():
-    net = tiny_net(DenoisingConfig(groups=3)).train()
-    images, masks = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matching_outputs_do_not_depend_on_denoising_targets(variant):
+    net = tiny_net(DenoisingConfig(groups=3), variant).train()
     other = [target([2], [[0.2, 0.7, 0.3, 0.2]]), target([1, 1], [[0.5, 0.5, 0.4, 0.4]] * 2)]
-    a = net(images, masks, ONE_AND_THREE)
-    b = net(images, masks, other)
+    a = net(IMAGES, MASKS, ONE_AND_THREE)
+    b = net(IMAGES, MASKS, other)
+    assert a["dn_outputs"]["pred_logits"].shape[1] == 3 * 3
+    assert b["dn_outputs"]["pred_logits"].shape[1] == 3 * 2
     torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=1e-6)
 
 
-def test_inference_has_no_denoising_and_ignores_targets():
-    net = tiny_net(DenoisingConfig()).eval()
-    images, masks = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_has_no_denoising_and_ignores_targets(variant):
+    net = tiny_net(DenoisingConfig(), variant).eval()
     with torch.no_grad():
-        a = net(images, masks)
-        b = net(images, masks, ONE_AND_THREE)
+        a = net(IMAGES, MASKS)
+        b = net(IMAGES, MASKS, ONE_AND_THREE)
+        torch.manual_seed(0)
+        vanilla = tiny_net(None, variant).eval()
+        vanilla.load_state_dict(net.state_dict(), strict=False)
+        c = vanilla(IMAGES, MASKS)
     assert "dn_outputs" not in a and "dn_outputs" not in b
-    assert a["pred_logits"].shape == (2, 5, 4)
-    assert torch.equal(a["pred_logits"], b["pred_logits"])
-    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert a["pred_logits"].shape[:2] == (2, 5)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(a[key], b[key])
+        assert torch.equal(a[key], c[key])  # the same weights without denoising parts
 
 
-def test_dn_loss_equals_set_loss_with_known_assignment():
-    """Recompute the DN terms slot by slot from the clean targets, without the meta indices."""
-    torch.manual_seed(1)
-    groups, num_classes = 2, 4
-    net = tiny_net(DenoisingConfig(groups=groups)).train()
-    images, masks = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
-    out = net(images, masks, ONE_AND_THREE)
-    matcher = HungarianMatcher(2, 5, 2, "focal")
-    crit = SetCriterion(num_classes, matcher, "focal", 1, 5, 2, alpha=0.25, gamma=2)
-    losses = crit(out, ONE_AND_THREE)
+def recompute_dn_losses(variant: str, out: dict, targets: list[dict], cfg: DenoisingConfig):
+    """DN class / L1 / GIoU terms of the last layer, slot by slot from the clean targets."""
     dn = out["dn_outputs"]
     logits, boxes = dn["pred_logits"].detach(), dn["pred_boxes"].detach()
-    slots = 3  # largest image has 3 objects
-    num = groups * 4  # groups x total objects in the batch
+    num_classes = 4
+    m = max(len(t["labels"]) for t in targets)
+    parts = 2 if cfg.contrastive else 1
+    slots = parts * m
+    num = cfg.groups * sum(len(t["labels"]) for t in targets)
     cls = l1 = giou = 0.0
-    for i, t in enumerate(ONE_AND_THREE):
-        for g in range(groups):
-            for k in range(len(t["labels"])):
-                s = g * slots + k
-                onehot = torch.zeros(num_classes)
-                onehot[t["labels"][k]] = 1
-                cls += sigmoid_focal_loss(logits[i, s], onehot, 0.25, 2, "sum").item()
-                l1 += (boxes[i, s] - t["boxes"][k]).abs().sum().item()
-                pair = cxcywh_to_xyxy(torch.stack([boxes[i, s], t["boxes"][k]]))
-                giou += 1 - generalized_box_iou(pair[:1], pair[1:]).item()
-    assert losses["loss_dn_class"].item() == pytest.approx(cls / num, rel=1e-5)
-    assert losses["loss_dn_bbox"].item() == pytest.approx(5 * l1 / num, rel=1e-5)
-    assert losses["loss_dn_giou"].item() == pytest.approx(2 * giou / num, rel=1e-5)
-    assert "loss_dn_class_aux0" in losses
+    ce_weight = 0.0
+    for i, t in enumerate(targets):
+        for g in range(cfg.groups):
+            for s in range(g * slots, (g + 1) * slots):
+                k = s - g * slots
+                positive = k < len(t["labels"])
+                if not positive and not cfg.contrastive:
+                    continue  # negatives and padding only count in contrastive denoising
+                label = int(t["labels"][k]) if positive else num_classes  # num_classes: none
+                if variant == "detr":
+                    w = 1.0 if label < num_classes else 0.1  # eos_coef
+                    ce = -torch.log_softmax(logits[i, s], -1)[label].item()
+                    cls += w * ce
+                    ce_weight += w
+                else:
+                    onehot = torch.zeros(num_classes)
+                    if label < num_classes:
+                        onehot[label] = 1
+                    cls += sigmoid_focal_loss(logits[i, s], onehot, 0.25, 2, "sum").item()
+                if positive:
+                    l1 += (boxes[i, s] - t["boxes"][k]).abs().sum().item()
+                    pair = cxcywh_to_xyxy(torch.stack([boxes[i, s], t["boxes"][k]]))
+                    giou += 1 - generalized_box_iou(pair[:1], pair[1:]).item()
+    cls = cls / ce_weight if variant == "detr" else cls / num
+    return cls, 5 * l1 / num, 2 * giou / num
 
 
-def test_empty_batch_trains_and_keeps_the_same_parameters_in_the_graph():
+@pytest.mark.parametrize(
+    "variant,contrastive",
+    [("detr", False), ("detr", True), ("dn_detr", False), ("dn_detr", True)],
+)
+def test_dn_loss_equals_slot_by_slot_recomputation(variant, contrastive):
+    """Recompute the DN terms slot by slot from the clean targets, without the meta indices."""
+    torch.manual_seed(1)
+    cfg = DenoisingConfig(groups=2, contrastive=contrastive)
+    net = tiny_net(cfg, variant).train()
+    out = net(IMAGES, MASKS, ONE_AND_THREE)
+    losses = criterion(variant)(out, ONE_AND_THREE)
+    cls, l1, giou = recompute_dn_losses(variant, out, ONE_AND_THREE, cfg)
+    assert losses["loss_dn_class"].item() == pytest.approx(cls, rel=1e-5)
+    assert losses["loss_dn_bbox"].item() == pytest.approx(l1, rel=1e-5)
+    assert losses["loss_dn_giou"].item() == pytest.approx(giou, rel=1e-5)
+    assert {"loss_dn_class_aux0", "loss_dn_bbox_aux0", "loss_dn_giou_aux0"} <= set(losses)
+    assert losses["loss_dn_class_aux0"].item() != losses["loss_dn_class"].item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_empty_batch_trains_and_keeps_the_same_parameters_in_the_graph(variant, contrastive):
     """An all-empty batch must touch the same parameters as a normal one (DDP stays in step)."""
-    net = tiny_net(DenoisingConfig(groups=2)).train()
-    crit = SetCriterion(4, HungarianMatcher(2, 5, 2, "focal"), "focal")
-    images, masks = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+    net = tiny_net(DenoisingConfig(groups=2, contrastive=contrastive), variant).train()
+    crit = criterion(variant)
     empty = [target([], []), target([], [], 1)]
 
     def params_with_grad(targets: list[dict]) -> set[str]:
         net.zero_grad(set_to_none=True)
-        losses = crit(net(images, masks, targets), targets)
+        losses = crit(net(IMAGES, MASKS, targets), targets)
         assert all(torch.isfinite(v) for v in losses.values())
         losses["loss"].backward()
-        return {n for n, p in net.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        return set(grads)
 
-    assert params_with_grad(empty) == params_with_grad(ONE_AND_THREE)
+    with_objects = params_with_grad(ONE_AND_THREE)
+    assert any("dn_query_pos" in n or "label_embed" in n or "denoising" in n for n in with_objects)
+    assert params_with_grad(empty) == with_objects
+
+
+def test_detr_denoising_query_position_combine_modes():
+    """sum: label embedding + projected box sine; concat: one projection of both; bad: error."""
+    torch.manual_seed(0)
+    labels, boxes = torch.tensor([[0, 4]]), torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 2])
+    summed = DenoisingQueryPosition(4, 32, "sum")
+    sine = sine_encoding_of_boxes(boxes, 16)
+    expected = summed.label_embed.weight[[0, 4]][None] + sine @ summed.proj.weight.T
+    torch.testing.assert_close(summed(labels, boxes), expected + summed.proj.bias)
+    assert summed.label_embed.num_embeddings == 5  # num_classes + 1 (padding)
+    concat = DenoisingQueryPosition(4, 32, "concat")
+    assert concat.proj.in_features == 32 + 64
+    both = torch.cat([concat.label_embed.weight[[0, 4]][None], sine], -1)
+    torch.testing.assert_close(
+        concat(labels, boxes), both @ concat.proj.weight.T + concat.proj.bias
+    )
+    with pytest.raises(ValueError, match="dn_combine"):
+        DenoisingQueryPosition(4, 32, "product")
 
 
 def test_config_validation():

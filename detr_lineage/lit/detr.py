@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..criterion import SetCriterion
+from ..denoising import DenoisingConfig
 from ..matcher import HungarianMatcher
 from ..models.detr import DETRNet
 from ..nn.backbone import BackboneConfig
@@ -12,6 +13,11 @@ from .base import DetectionModule
 
 class DETR(DetectionModule):
     """DETR (Carion et al. 2020). Defaults are the paper's COCO settings.
+
+    ``denoising`` (default None: the paper has none) adds DN-DETR's denoising queries to vanilla
+    DETR (``models/detr.py``); their loss is the same CE (toward the clean class) + L1 + GIoU
+    with the same weights, on every decoder layer. ``dn_combine``: ``sum`` | ``concat`` of the
+    label embedding and the projected box encoding in a denoising query's position.
 
     Optimiser, schedule and learning rates are ``DetectionModule``'s arguments (``lr``,
     ``lr_backbone``, ``weight_decay``, ``lr_drop_epochs``, ...); gradient clipping (0.1) is the
@@ -31,6 +37,8 @@ class DETR(DetectionModule):
         num_queries: int = 100,
         pre_norm: bool = False,
         aux_loss: bool = True,
+        denoising: DenoisingConfig | None = None,
+        dn_combine: str = "sum",
         cost_class: float = 1.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
@@ -53,6 +61,8 @@ class DETR(DetectionModule):
             num_queries,
             pre_norm,
             aux_loss,
+            denoising,
+            dn_combine,
         )
         matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, "softmax")
         self.criterion = SetCriterion(

@@ -1,4 +1,4 @@
-"""Parts the variants share: input normalisation, the single-scale encoder, output dicts."""
+"""Parts the variants share: input normalisation and the single-scale encoder."""
 
 from __future__ import annotations
 
@@ -90,13 +90,3 @@ class SingleScaleEncoder(nn.Module):
         if self.norm is not None:
             src = self.norm(src)
         return Memory(src, pos, key_mask, [tuple(feat.shape[-2:])])
-
-
-def split_layers(logits: Tensor, boxes: Tensor, aux: bool = True) -> dict:
-    """Per-layer ``[L,B,Q,*]`` outputs -> last layer's dict, earlier ones in ``aux_outputs``."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-    if aux:
-        out["aux_outputs"] = [
-            {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-        ]
-    return out

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
 from ..nn.backbone import BackboneConfig
+from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import MLP, ConditionalCrossAttention, Decoder, DecoderLayer
-from .common import SingleScaleEncoder, split_layers
+from .common import SingleScaleEncoder
 
 
 class AnchorQueryPosition(nn.Module):

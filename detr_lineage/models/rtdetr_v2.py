@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
 from ..nn.backbone import BackboneConfig
 from ..nn.hybrid_encoder import HybridEncoder
+from ..nn.outputs import split_layers
 from ..nn.transformer import MLP, Decoder, DecoderLayer, DeformableCrossAttention, Memory
-from .common import NormalizedBackbone, split_layers
+from .common import NormalizedBackbone
 
 
 def default_backbone() -> BackboneConfig:

@@ -140,7 +140,7 @@ def official_pe(h: int, w: int, dim: int, temperature: float, first: int) -> tor
 
     Written from the formula in rtdetrv2's build_2d_sincos_position_embedding, but on
     row-major (y, x) tokens, which is what it computes for the square maps it is used on.
-    ``first`` is the first coordinate (official 0; ours 1, see hybrid_encoder.py).
+    ``first`` is the first coordinate (official 0; before the fix ours counted from 1).
     """
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     y, x = torch.meshgrid(
@@ -157,8 +157,8 @@ def official_pe(h: int, w: int, dim: int, temperature: float, first: int) -> tor
 def test_aifi_position_encoding_layout(h: int, w: int) -> None:
     pos = aifi_position_encoding(h, w, 256, 10000.0, torch.device("cpu"))
     assert pos.shape == (1, h * w, 256)
-    torch.testing.assert_close(pos, official_pe(h, w, 256, 10000.0, first=1))
-    assert not torch.allclose(pos, official_pe(h, w, 256, 10000.0, first=0))  # documented
+    torch.testing.assert_close(pos, official_pe(h, w, 256, 10000.0, first=0))
+    assert not torch.allclose(pos, official_pe(h, w, 256, 10000.0, first=1))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -18,7 +18,9 @@ class NormalizedBackbone(nn.Module):
     """A trunk that normalises its input with its own statistics.
 
     Images arrive in [0, 1] (data contract): DETR and DN-DETR use ImageNet mean/std, RT-DETR
-    none (``pixel_mean=None``), as their official code does.
+    none (``pixel_mean=None``), as their official code does. With ``masks`` (True = padding)
+    the padded pixels are 0 after normalisation, as in the official DETR, which pads the
+    normalised images (the collate pads in [0, 1], where 0 would become -mean/std).
     """
 
     def __init__(
@@ -33,8 +35,11 @@ class NormalizedBackbone(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return self.body((images - self.pixel_mean) / self.pixel_std)
+    def forward(self, images: Tensor, masks: Tensor | None = None) -> list[Tensor]:
+        x = (images - self.pixel_mean) / self.pixel_std
+        if masks is not None:
+            x = x.masked_fill(masks[:, None], 0.0)
+        return self.body(x)
 
 
 def downsample_mask(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -78,7 +83,7 @@ class SingleScaleEncoder(nn.Module):
 
     def forward(self, images: Tensor, masks: Tensor) -> Memory:
         """``images [B,3,H,W]``, ``masks [B,H,W]`` -> memory ``[B,hw,d]`` with positions, mask."""
-        feat = self.backbone(images)[-1]  # [B,C,h,w]
+        feat = self.backbone(images, masks)[-1]  # [B,C,h,w]
         mask = downsample_mask(masks, feat.shape[-2:])  # [B,h,w]
         pos = sine_position_encoding_2d(mask, self.d_model // 2, self.pe_temperature)
         src = self.input_proj(feat).flatten(2).transpose(1, 2)  # [B,hw,d]

@@ -10,14 +10,11 @@ Module names follow the official ``hybrid_encoder.py`` (input_proj, encoder, lat
 fpn_blocks, downsample_convs, pan_blocks) so that a checkpoint converter only has to rename
 the AIFI layer internals. Differences from the official code, all deliberate:
 
-- Position encoding: the shared ``sine_position_encoding_2d`` with ``normalize=False`` (raw
-  pixel coordinates, as the official ``build_2d_sincos_position_embedding``), channels
-  reordered to the official [sin y | cos y | sin x | cos x] layout. Same frequencies and
-  layout; the one difference is that our coordinates count from 1 (cumsum of the valid
-  mask) where the official count from 0: a one-cell shift of every position. For non-square
-  maps the official flattening mixes up rows and columns; ours does not (identical for the
-  square maps RT-DETR trains and evaluates on). Recomputed every call (400 tokens: cheap),
-  not cached for a fixed eval size.
+- Position encoding: the shared ``sine_encoding`` of raw cell coordinates counted from 0,
+  as the official ``build_2d_sincos_position_embedding`` (same frequencies, same
+  [sin y | cos y | sin x | cos x] layout). For non-square maps the official flattening mixes
+  up rows and columns; ours does not (identical for the square maps RT-DETR trains and
+  evaluates on). Recomputed every call (400 tokens: cheap), not cached for a fixed eval size.
 - Top-down upsampling interpolates to the lower level's exact size (nearest), identical to
   the official ``scale_factor=2`` when the input is a multiple of 32, and it also works for
   other sizes, where ``scale_factor=2`` gives a size mismatch.
@@ -33,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .position import sine_position_encoding_2d
+from .position import sine_encoding
 from .transformer import EncoderLayer, make_activation
 
 __all__ = [
@@ -149,16 +146,18 @@ def aifi_position_encoding(
 ) -> Tensor:
     """2D sine encoding of an ``h x w`` map as AIFI adds it: ``[1, h*w, dim]`` (row-major tokens).
 
-    Shared DETR encoding on raw (1-based) pixel coordinates, then each axis's interleaved
-    (sin, cos) pairs regrouped into [sin ... | cos ...] as the official RT-DETR lays them out.
+    Each axis's coordinates (0, 1, ..., as the official) go through the shared sine encoding,
+    whose interleaved (sin, cos) pairs are regrouped into [sin ... | cos ...] per axis.
     """
     if dim % 4:
         raise ValueError(f"AIFI position encoding needs hidden_dim divisible by 4, got {dim}")
-    mask = torch.zeros(1, h, w, dtype=torch.bool, device=device)
-    pos = sine_position_encoding_2d(mask, dim // 2, temperature, normalize=False)  # [1,dim,h,w]
-    # [1, axis(y,x), pair, (sin,cos), h, w] -> [1, axis, (sin,cos), pair, h, w]
-    pos = pos.view(1, 2, dim // 4, 2, h, w).transpose(2, 3).reshape(1, dim, h * w)
-    return pos.transpose(1, 2)  # [1,h*w,dim]
+    y, x = torch.meshgrid(
+        torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
+    axes = [sine_encoding(c.flatten(), dim // 2, temperature) for c in (y, x)]  # [h*w,dim/2]
+    # interleaved [sin, cos, sin, cos, ...] -> [sin ... | cos ...] per axis
+    pos = [a.view(h * w, dim // 4, 2).transpose(1, 2).reshape(h * w, dim // 2) for a in axes]
+    return torch.cat(pos, -1)[None]  # [1,h*w,dim]
 
 
 class AIFI(nn.Module):

@@ -1,0 +1,65 @@
+"""Details where the official code's outputs depend on a choice ours must make the same way."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detr_lineage.data.collate import collate_detection
+from detr_lineage.models.common import IMAGENET_MEAN, IMAGENET_STD, NormalizedBackbone
+from detr_lineage.models.detr import DETRNet
+from detr_lineage.nn.backbone import BackboneConfig
+
+
+class Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append(x)
+        return [x]
+
+
+def test_padding_is_zero_after_normalisation() -> None:
+    """The official DETR normalises each image, then pads with 0; the collate pads in [0, 1]."""
+    torch.manual_seed(0)
+    small, big = torch.rand(3, 5, 6), torch.rand(3, 8, 7)
+    batch = collate_detection([(small, {}), (big, {})])
+    backbone = NormalizedBackbone(
+        BackboneConfig(name="conv", return_strides=[16]), IMAGENET_MEAN, IMAGENET_STD
+    )
+    backbone.body = Recorder()
+    backbone(batch["images"], batch["masks"])
+    seen = backbone.body.seen[0]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    official = torch.zeros(2, 3, 8, 7)
+    official[0, :, :5, :6] = (small - mean) / std
+    official[1] = (big - mean) / std
+    torch.testing.assert_close(seen, official, rtol=0, atol=1e-6)
+
+
+def test_detr_output_of_a_padded_image_equals_the_officially_padded_one() -> None:
+    """End to end: DETR on our collated batch == DETR fed the officially padded input."""
+    torch.manual_seed(0)
+    net = DETRNet(
+        3,
+        BackboneConfig(name="conv", channels=[8, 16], return_strides=[4]),
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=32,
+        num_queries=5,
+    ).eval()
+    small, big = torch.rand(3, 19, 23), torch.rand(3, 32, 28)  # odd: convs see padding
+    batch = collate_detection([(small, {}), (big, {})])
+    with torch.no_grad():
+        ours = net(batch["images"], batch["masks"])["pred_logits"]
+        # the official input: pad the normalised image with 0 == pad [0,1] images with the mean
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        images = torch.where(batch["masks"][:, None], mean, batch["images"])
+        net.encoder.backbone.forward = lambda x, masks=None, f=net.encoder.backbone.forward: f(x)
+        official = net(images, batch["masks"])["pred_logits"]
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-5)

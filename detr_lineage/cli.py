@@ -1,9 +1,13 @@
 """``detr-lineage``: LightningCLI (fit / validate / test / predict) plus the project's own commands.
 
 Every run writes to ``<run.dir>/<run.name>/version_<n>/``: ``metrics.csv`` (CSVLogger, always),
-``checkpoints/`` (best ``val/map`` and ``last.ckpt``), ``config.yaml`` and, unless disabled, an
-offline W&B run (``WANDB_MODE=online`` to sync live). ``--ckpt_path`` resumes the run in the
-checkpoint's own version directory, so its curves continue in the same ``metrics.csv``.
+``checkpoints/`` (best ``val/map`` and ``last.ckpt``, always the latest state), ``config.yaml``
+and, unless disabled, an offline W&B run (``WANDB_MODE=online`` to sync live).
+``fit --ckpt_path`` resumes the run in the checkpoint's own version directory, so its curves
+continue in the same ``metrics.csv``. ``validate``, ``test`` and ``predict`` write into a new
+directory of their own, ``<run.dir>/<run.name>/<stage>_<n>/``, and never touch a training run's
+files. Under DDP only rank 0 chooses the directory (the others read it from the environment
+its launcher passes on) and only rank 0 logs to W&B.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .lit import DetectionModule
 
@@ -95,19 +100,58 @@ class ContinuingCSVLogger(CSVLogger):
         return self._experiment
 
 
+RUN_VERSION_ENV = "DETR_LINEAGE_RUN_VERSION"  # rank 0's choice, inherited by DDP children
+
+
+def next_index(parent: Path, prefix: str) -> int:
+    """1 + the largest ``n`` of the ``<prefix><n>`` directories in ``parent`` (0 if none)."""
+    found = [
+        int(m.group(1))
+        for p in (parent.iterdir() if parent.is_dir() else [])
+        if (m := re.fullmatch(rf"{re.escape(prefix)}(\d+)", p.name))
+    ]
+    return max(found, default=-1) + 1
+
+
+def run_version(run: RunConfig, name: str, ckpt_path: str | None, stage: str) -> int | str:
+    """The run's directory under ``<run.dir>/<name>``: ``version_<n>`` (an int) for ``fit``,
+    ``<stage>_<n>`` (a str) for validate/test/predict. Decided once, on rank 0; DDP processes
+    of higher rank take rank 0's choice from the environment so that no stray directory
+    appears."""
+    if rank_zero_only.rank > 0 and RUN_VERSION_ENV in os.environ:
+        value = os.environ[RUN_VERSION_ENV]
+        return int(value) if value.isdigit() else value
+    parent = Path(run.dir) / name
+    version: int | str
+    if stage != "fit":
+        version = f"{stage}_{next_index(parent, stage + '_')}"
+    elif run.version is not None:
+        version = run.version
+    else:
+        resumed = version_of_checkpoint(ckpt_path)
+        version = resumed if resumed is not None else next_index(parent, "version_")
+    os.environ[RUN_VERSION_ENV] = str(version)
+    return version
+
+
 def make_loggers(
-    run: RunConfig, model_name: str, ckpt_path: str | None, seed: int | None
+    run: RunConfig,
+    model_name: str,
+    ckpt_path: str | None,
+    seed: int | None,
+    stage: str = "fit",
 ) -> list[Logger]:
     name = run.name or model_name
-    version = run.version if run.version is not None else version_of_checkpoint(ckpt_path)
+    version = run_version(run, name, ckpt_path, stage)
     resume_step = None
-    if ckpt_path:
+    if ckpt_path and stage == "fit":
         resume_step = int(torch.load(ckpt_path, map_location="cpu", mmap=True)["global_step"])
     csv_logger = ContinuingCSVLogger(
         run.dir, name=name, version=version, resume_step=resume_step, flush_logs_every_n_steps=1
     )
     loggers: list[Logger] = [csv_logger]
-    if run.wandb and os.environ.get("WANDB_MODE") != "disabled":
+    wandb_on = run.wandb and os.environ.get("WANDB_MODE") != "disabled"
+    if wandb_on and rank_zero_only.rank == 0:
         from lightning.pytorch.loggers import WandbLogger
 
         log_dir = Path(csv_logger.log_dir)
@@ -115,10 +159,11 @@ def make_loggers(
         id_file = log_dir / "wandb_id.txt"
         if not id_file.exists():  # a W&B sweep agent chooses the id itself
             id_file.write_text(os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12])
+        run_name = name if seed is None else f"{name}-seed{seed}"
         loggers.append(
             WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "detr-lineage"),
-                name=name if seed is None else f"{name}-seed{seed}",
+                name=run_name if stage == "fit" else f"{run_name}-{version}",
                 group=run.group or name,
                 tags=list(run.tags),
                 save_dir=str(log_dir),
@@ -129,9 +174,99 @@ def make_loggers(
     return loggers
 
 
+class LatestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the latest state.
+
+    Lightning writes ``last.ckpt`` only when a top-k checkpoint is saved: on a plateau (a tie in
+    ``val/map`` is no improvement) it stays at the first validation, and a run resumed from it
+    silently redoes the steps since. Here it is also written after every validation and at the
+    end of training, whatever the monitored metric did.
+    """
+
+    def _save_last_if_stale(self, trainer: Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_stale(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        self._save_last_if_stale(trainer)
+
+
+class CheckpointMismatchError(ValueError):
+    """``--ckpt_path`` names a model other than the one the config and command line describe."""
+
+
+def _plain(value):
+    """Config values as plain Python: Namespaces and dataclasses -> dicts, tuples -> lists."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    elif hasattr(value, "__dataclass_fields__"):
+        value = {k: getattr(value, k) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(saved, given, prefix: str = "") -> list[str]:
+    """``key: checkpoint value != config value`` for every key both sides set differently."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out = []
+        for key in saved.keys() & given.keys():
+            out += _differences(saved[key], given[key], f"{prefix}{key}.")
+        return sorted(out)
+    if saved != given:
+        return [f"{prefix.rstrip('.')}: {saved!r} in the checkpoint, {given!r} in the config"]
+    return []
+
+
+def checkpoint_mismatch(hparams: dict, model_config) -> list[str]:
+    """How a checkpoint's saved model (``hyper_parameters``) differs from the configured model
+    (the ``model`` entry of the parsed config): the variant first, then each argument."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    saved_class = hparams.pop("_class_path", None)
+    config = _plain(model_config) or {}
+    given_class = config.get("class_path")
+    if saved_class and given_class and saved_class != given_class:
+        return [f"variant: {saved_class} in the checkpoint, {given_class} in the config"]
+    return _differences(_plain(hparams), config.get("init_args") or {})
+
+
 class DetrLineageCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
+        parser.add_argument(
+            "--model_from_checkpoint",
+            type=bool,
+            default=False,
+            help="With --ckpt_path: build the checkpoint's model (variant and hyper-parameters), "
+            "replacing the config's model. Without it, any difference is an error.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the configured model by the checkpoint's without a word; here a
+        difference stops with the list of differences unless ``--model_from_checkpoint``."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        if config.get("model_from_checkpoint"):
+            super()._parse_ckpt_path()
+            return
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        differences = checkpoint_mismatch(checkpoint.get("hyper_parameters") or {}, config.model)
+        if differences:
+            raise CheckpointMismatchError(
+                f"{ckpt_path} holds a different model than the config and command line:\n  "
+                + "\n  ".join(differences)
+                + "\nFix the config, or pass --model_from_checkpoint=true to use the "
+                "checkpoint's model (its values replace the config's)."
+            )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -143,13 +278,17 @@ class DetrLineageCLI(LightningCLI):
         has_logger = trainer_cfg.get("logger") in (None, True)
         if has_logger and not trainer_cfg.get("fast_dev_run"):
             kwargs["logger"] = make_loggers(
-                run, model_name, config.get("ckpt_path"), config.get("seed_everything")
+                run,
+                model_name,
+                config.get("ckpt_path"),
+                config.get("seed_everything"),
+                self.subcommand or "fit",
             )
         callbacks = list(trainer_cfg.get("callbacks") or [])
         checkpointing = trainer_cfg.get("enable_checkpointing") is not False
         if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(
-                ModelCheckpoint(
+                LatestCheckpoint(
                     monitor="val/map",
                     mode="max",
                     save_last=True,

@@ -46,7 +46,7 @@ def test_fit_and_test_on_exported_toy_coco(tmp_path, toy_coco, variant, capsys):
     main(["test", *cfg, *run, f"--ckpt_path={ckpt}"])
     out = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
-    results = tmp_path / "r" / "version_0" / "coco_results.json"
+    results = tmp_path / "r" / "test_0" / "coco_results.json"  # the test's own directory
     detections = json.loads(results.read_text())
     categories = {1, 3, 5, 7, 9, 11}  # the exporter's non-contiguous ids
     assert detections and {d["category_id"] for d in detections} <= categories

@@ -167,10 +167,14 @@ def noise_boxes(
 
 
 def split_denoising_outputs(
-    logits: Tensor, boxes: Tensor, num_dn: int
+    logits: Tensor, boxes: Tensor, num_dn: int, aux: bool = True
 ) -> tuple[tuple[Tensor, Tensor], dict]:
-    """Per-layer ``[L,B,N+Q,*]`` -> (matching part ``[L,B,Q,*]`` x2, denoising outputs dict)."""
-    dn = split_layers(logits[:, :, :num_dn], boxes[:, :, :num_dn])
+    """Per-layer ``[L,B,N+Q,*]`` -> (matching part ``[L,B,Q,*]`` x2, denoising outputs dict).
+
+    ``aux=False`` (the network's ``aux_loss`` off): the earlier layers' denoising outputs are
+    left out too, as DN-DETR computes its denoising loss on auxiliary layers only with aux loss.
+    """
+    dn = split_layers(logits[:, :, :num_dn], boxes[:, :, :num_dn], aux)
     return (logits[:, :, num_dn:], boxes[:, :, num_dn:]), dn
 
 

@@ -134,7 +134,9 @@ class DETRNet(nn.Module):
         logits, boxes = self.class_head(hs), self.box_head(hs).sigmoid()
         if dn is None:
             return split_layers(logits, boxes, self.aux_loss)
-        (logits, boxes), dn_outputs = split_denoising_outputs(logits, boxes, dn.meta.num_queries)
+        (logits, boxes), dn_outputs = split_denoising_outputs(
+            logits, boxes, dn.meta.num_queries, self.aux_loss
+        )
         out = split_layers(logits, boxes, self.aux_loss)
         out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
         return out

@@ -135,7 +135,9 @@ class DNDETRNet(nn.Module):
         logits = self.class_head(hs)  # [L,B,N+Q,C]
         if dn is None:
             return split_layers(logits, boxes, self.aux_loss)
-        (logits, boxes), dn_outputs = split_denoising_outputs(logits, boxes, dn.meta.num_queries)
+        (logits, boxes), dn_outputs = split_denoising_outputs(
+            logits, boxes, dn.meta.num_queries, self.aux_loss
+        )
         out = split_layers(logits, boxes, self.aux_loss)
         out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
         return out

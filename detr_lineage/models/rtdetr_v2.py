@@ -206,7 +206,7 @@ class RTDETRv2Net(nn.Module):
         logits = torch.stack([head(h) for head, h in zip(self.dec_score_heads, hs)])
         if dn is not None:
             (logits, boxes), dn_outputs = split_denoising_outputs(
-                logits, boxes, dn.meta.num_queries
+                logits, boxes, dn.meta.num_queries, self.aux_loss
             )
         out = split_layers(logits, boxes, self.aux_loss)
         if self.training:

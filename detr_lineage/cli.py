@@ -306,6 +306,7 @@ EXTRA_COMMANDS = {
     "toy-to-coco": "detr_lineage.data.toy_to_coco",
     "compare": "detr_lineage.analysis.compare",
     "ablate": "detr_lineage.analysis.ablate",
+    "explain": "detr_lineage.explain",
 }
 
 

@@ -221,6 +221,10 @@ class MSDeformableAttention(nn.Module):
         self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
         level = [lvl for lvl, k in enumerate(num_points) for _ in range(k)]
         self.register_buffer("point_level", torch.tensor(level), persistent=False)  # [P]
+        # identity taps: forward hooks on them see the normalised weights and the locations
+        # (``detr-lineage explain``); they cost one no-op call each
+        self.weights_tap = nn.Identity()  # [B,Q,H,P] after the softmax
+        self.locations_tap = nn.Identity()  # [B,Q,H,P,2] in [0,1] of the maps
         self.reset_parameters()
 
         if method == "discrete":
@@ -280,8 +284,10 @@ class MSDeformableAttention(nn.Module):
         value_heads = value_t.view(b, n_heads, self.head_dim, s).permute(0, 3, 1, 2)  # [B,S,H,Dh]
 
         offsets = self.sampling_offsets(query).view(b, q, n_heads, total, 2)
-        attn = self.attention_weights(query).view(b, q, n_heads, total).softmax(-1)
-        locations = self._sampling_locations(reference, offsets, shapes)  # [B,Q,H,P,2]
+        attn = self.weights_tap(
+            self.attention_weights(query).view(b, q, n_heads, total).softmax(-1)
+        )
+        locations = self.locations_tap(self._sampling_locations(reference, offsets, shapes))
 
         out = ms_deform_attn(value_heads, shapes, locations, attn, self.num_points, self.method)
         return self.output_proj(out)

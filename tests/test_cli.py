@@ -76,6 +76,7 @@ def test_fit_writes_csv_with_shared_names(tmp_path, configs, dn_terms):
     columns = set(rows[0])
     shared = {"train/loss", "train/loss_class", "train/loss_bbox", "train/loss_giou"}
     shared |= {"train/loss_class_aux0", "val/loss", "val/map", "val/map_50", "time/wall_s"}
+    shared |= {"val/near_miss", "val/duplicates"}
     assert shared <= columns
     assert ("train/loss_dn_giou" in columns) == dn_terms
     assert ("train/loss_enc_giou" in columns) == ("rtdetr" in configs[0])

@@ -151,6 +151,25 @@ def test_classes_roughly_balanced() -> None:
     )
 
 
+def test_simple_preset_draws_its_classes_counts_and_sizes() -> None:
+    """'simple': labels only 0..2, 1-4 objects, sides 15-45% of the image."""
+    dm = ToyShapesDataModule(preset="simple", image_size=64)
+    assert dm.num_classes == 3 and dm.class_names == CLASS_NAMES[:3]
+    labels, counts, sides = [], [], []
+    for i in range(150):
+        _, t = dm.train_set[i]
+        labels += t["labels"].tolist()
+        counts.append(len(t["labels"]))
+        sides += t["boxes"][:, 2:].max(1).values.tolist()
+    assert set(labels) == {0, 1, 2}
+    assert min(counts) >= 1 and max(counts) == 4
+    assert max(sides) <= 0.45 + 1 / 64 and np.median(sides) > 0.15  # pixel edges: +1 px
+    # the default keeps the six classes and draws the same images as before the knob existed
+    assert ToyShapesDataModule(preset="easy").num_classes == len(CLASS_NAMES)
+    with pytest.raises(ValueError, match="num_classes"):
+        ToyShapesConfig(num_classes=7)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     lo=st.integers(0, 8),

@@ -78,7 +78,7 @@ def export_toy_to_coco(
             )
     categories = [
         {"id": category_id_of_label(label), "name": name, "supercategory": "shape"}
-        for label, name in enumerate(CLASS_NAMES)
+        for label, name in enumerate(CLASS_NAMES[: config.num_classes])
     ]
     dataset = {
         "info": {"description": f"detr_lineage toy shapes, preset {preset}, seed {seed}"},

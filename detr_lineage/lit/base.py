@@ -20,6 +20,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from ..boxes import cxcywh_to_xyxy
 from ..criterion import SetCriterion
+from ..metrics import NearMissCounter
 from ..postprocess import PostProcess
 
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
@@ -92,6 +93,7 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.map_metric = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        self.near_miss = NearMissCounter()  # val|test/near_miss, /duplicates (metrics.py)
         self._coco_detections: list[dict] = []
         self._t0: float | None = None
         self._elapsed_before = 0.0  # wall time of earlier sessions when resuming
@@ -165,8 +167,10 @@ class DetectionModule(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> None:
         outputs, _ = self._loss(batch, stage)
         dets = self.detections(outputs, batch["targets"])
+        gts = self.ground_truth(batch["targets"])
+        self.near_miss.update(dets, gts)
         if self.coco_datamodule() is None:
-            self.map_metric.update(dets, self.ground_truth(batch["targets"]))
+            self.map_metric.update(dets, gts)
             return
         for d, t in zip(dets, batch["targets"]):
             self._coco_detections.append(
@@ -189,6 +193,7 @@ class DetectionModule(L.LightningModule):
             values = {k: float(result[k]) for k in MAP_KEYS}
         else:
             values = self._coco_evaluate(dm, stage)
+        values.update(self.near_miss.compute())
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "map_50", sync_dist=False)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -236,6 +236,47 @@ def checkpoint_mismatch(hparams: dict, model_config) -> list[str]:
     return _differences(_plain(hparams), config.get("init_args") or {})
 
 
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value",
+)
+
+
+def config_error_cause(message: str) -> str:
+    """The cause of a jsonargparse error, with the key path that led to it, on one line:
+    ``model > detr_lineage.lit.DETR > num_queries: Expected a <class 'int'>. Got value: abc``."""
+    path: list[str] = []
+    cause = message.strip().splitlines()[-1].strip() if message.strip() else message
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if key := re.fullmatch(r'Parser key "([^"]+)":', text):
+            path.append(key.group(1))
+        elif class_path := re.fullmatch(r"Problem with given class_path '([^']+)':", text):
+            path.append(class_path.group(1))
+        elif text and not text.startswith(_PARSER_NOISE):
+            cause = text
+    return " > ".join(path) + (": " if path else "") + cause
+
+
+class DetrLineageParser(LightningArgumentParser):
+    """jsonargparse prints the usage (60+ lines) and then a nested report whose last lines are
+    the alternatives it also tried; this one ends with the cause as the last line."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        try:
+            super().error(message, ex)
+        except SystemExit:
+            sys.stderr.write(f"error: {config_error_cause(message)}\n")
+            raise
+
+
+class ConfigError(ValueError):
+    """A model or data module rejected its arguments; the message is the cause alone."""
+
+
 class DetrLineageCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
@@ -267,6 +308,16 @@ class DetrLineageCLI(LightningCLI):
                 + "\nFix the config, or pass --model_from_checkpoint=true to use the "
                 "checkpoint's model (its values replace the config's)."
             )
+
+    def instantiate_classes(self) -> None:
+        """jsonargparse reports a constructor's ``ValueError`` inside a report on every Union
+        alternative it tried; re-raise it with the cause as the message (the last line)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            if "Does not validate against any of the Union subtypes" not in str(e):
+                raise
+            raise ConfigError(config_error_cause(str(e))) from e
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -327,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=argv,  # None: sys.argv
         auto_configure_optimizers=False,
+        parser_class=DetrLineageParser,
     )
 
 

@@ -24,6 +24,41 @@ from ..metrics import NearMissCounter
 from ..postprocess import PostProcess
 
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+# Sizes a variant may take (whichever of them its __init__ has); checked at construction.
+POSITIVE_SIZES = (
+    "num_queries",
+    "num_select",
+    "d_model",
+    "hidden_dim",
+    "encoder_dim",
+    "nhead",
+    "num_decoder_layers",
+    "dim_feedforward",
+    "encoder_dim_feedforward",
+)
+NON_NEGATIVE_SIZES = ("num_encoder_layers", "warmup_steps")
+
+
+def check_sizes(hparams: dict) -> None:
+    """Reject impossible model sizes when the module is built, naming the parameter (a
+    ``num_queries=0`` used to surface only as a non-finite loss)."""
+    for name in POSITIVE_SIZES:
+        if hparams.get(name) is not None and hparams[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {hparams[name]}")
+    for name in NON_NEGATIVE_SIZES:
+        if hparams.get(name) is not None and hparams[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {hparams[name]}")
+    for width in ("d_model", "hidden_dim", "encoder_dim"):
+        if hparams.get(width) and hparams.get("nhead") and hparams[width] % hparams["nhead"]:
+            raise ValueError(
+                f"{width}={hparams[width]} must be divisible by nhead={hparams['nhead']}"
+            )
+    dropout = hparams.get("dropout")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name in ("lr", "lr_backbone", "weight_decay"):
+        if hparams.get(name) is not None and hparams[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {hparams[name]}")
 
 
 def check_targets(targets: list[dict], num_classes: int) -> None:
@@ -91,6 +126,7 @@ class DetectionModule(L.LightningModule):
         self.save_hyperparameters()  # collects the subclass's arguments too
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_sizes(dict(self.hparams))
         self.num_classes = num_classes
         self.map_metric = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
         self.near_miss = NearMissCounter()  # val|test/near_miss, /duplicates (metrics.py)
@@ -102,10 +138,10 @@ class DetectionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_classes = getattr(dm, "num_classes", None)
-        if data_classes is not None and data_classes > self.num_classes:
+        if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
-                f"model.num_classes={self.num_classes} but the data has {data_classes} classes; "
-                f"set num_classes to {data_classes} (labels are contiguous from 0)"
+                f"model.num_classes={self.num_classes} but the data has {data_classes} classes "
+                f"(labels are contiguous from 0): pass --model.init_args.num_classes={data_classes}"
             )
         max_objects = getattr(dm, "max_objects", None)
         num_queries = getattr(self.net, "num_queries", None)

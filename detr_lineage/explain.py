@@ -58,6 +58,13 @@ class Trace:
     denoising: int  # d: number of denoising queries in the decoder input (0 when off)
     num_groups: int = 0
     slots_per_group: int = 0
+    softmax: bool = False  # class scores: softmax with a no-object class (DETR) or sigmoid
+
+    def scores(self) -> Tensor:
+        """``[B,K]`` best class probability of each matching query (no-object excluded)."""
+        logits = self.outputs["pred_logits"]
+        prob = logits.softmax(-1)[..., :-1] if self.softmax else logits.sigmoid()
+        return prob.max(-1).values
 
     def find(self, pattern: str) -> list[Call]:
         """Recorded calls whose module name fully matches ``pattern`` (a regex)."""
@@ -569,10 +576,12 @@ SINGLE_SCALE_ENCODER = [
 
 @dataclass(frozen=True)
 class Variant:
-    """How one network class is explained: its title and its probes (first match wins)."""
+    """How one network class is explained: its title and its probes (first match wins);
+    ``softmax``: class scores are a softmax with a last no-object class (else sigmoids)."""
 
     title: str
     probes: list[Probe] = field(default_factory=list)
+    softmax: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -587,6 +596,7 @@ VARIANTS: dict[str, Variant] = {
             ),
             Probe(r"box_head", "Heads (shared by all layers)", _head("box head MLP + sigmoid")),
         ],
+        softmax=True,
     ),
     "DNDETRNet": Variant(
         "DN-DETR (on DAB-DETR)",
@@ -669,6 +679,7 @@ VARIANTS: dict[str, Variant] = {
 # -- attention maps of dense / conditional cross-attention ---------------------------------------
 
 
+@torch.no_grad()
 def cross_attention_weights(call: Call) -> Tensor:
     """``[B, heads, Q, S]`` weights of a recorded DETR / DN-DETR cross-attention call.
 
@@ -778,6 +789,7 @@ def trace_forward(
         denoising=0 if meta is None else int(meta.num_queries),
         num_groups=0 if meta is None else int(meta.num_groups),
         slots_per_group=0 if meta is None else int(meta.slots_per_group),
+        softmax=variant.softmax,
     )
 
 

@@ -216,3 +216,67 @@ def test_cross_attention_weights_reproduce_the_module_output(variant):
         heads = value.view(1, 16, 8, 16).transpose(1, 2)  # [B,h,S,d/h]
         out = (weights @ heads).transpose(1, 2).reshape(1, 20, 128)
         torch.testing.assert_close(out_proj(out), call.output, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(TOY))
+def test_figures_are_written_for_every_variant(variant, tmp_path):
+    """Figure functions on a tiny random-init model: the right set of PNGs, non-empty."""
+    from matplotlib.image import imread
+
+    from detr_lineage.analysis.attention_figures import save_figures
+
+    model = build_model(load_config([TOY[variant]]))
+    image, _ = toy_image(64)
+    trace = trace_forward(model.net, image)
+    paths = save_figures(trace, tmp_path / "figs", query=3)
+    names = {p.stem for p in paths}
+    expected = {
+        "detr": {"box_refinement", "cross_attention"},
+        "dn_detr": {"box_refinement", "cross_attention"},
+        "rtdetr_v2": {"box_refinement", "query_selection", "sampling_points"},
+    }[variant]
+    assert names == expected
+    for path in paths:
+        pixels = imread(path)
+        assert pixels.shape[0] > 200 and pixels.std() > 0.05, path.name
+
+
+def test_figure_inputs_and_errors():
+    """The figures' tensors: the query's boxes per layer and the top-k proposals are the
+    network's; out-of-range queries / layers are named."""
+    from detr_lineage.analysis.attention_figures import (
+        _decoder_refs,
+        _layer_boxes,
+        best_query,
+        plot_sampling_points,
+    )
+
+    model = build_model(load_config([TOY["rtdetr_v2"]]))
+    image, _ = toy_image(64)
+    trace = trace_forward(model.net, image)
+    q = best_query(trace)
+    assert trace.scores()[0, q] == trace.scores()[0].max()
+    boxes = _layer_boxes(trace, q)  # entering + 3 layers
+    assert boxes.shape == (4, 4)
+    torch.testing.assert_close(boxes[-1], trace.outputs["pred_boxes"][0, q])
+    torch.testing.assert_close(boxes[1], trace.outputs["aux_outputs"][0]["pred_boxes"][0, q])
+    # the decoder's initial boxes are the K best encoder proposals (by max class score)
+    enc_logits = trace.first("enc_score_head").output[0]
+    enc_boxes = trace.first("enc_bbox_head").output[0]
+    from detr_lineage.models.rtdetr_v2 import make_anchors
+
+    anchors, _ = make_anchors([(16, 16), (8, 8), (4, 4)], enc_boxes.device)
+    top = enc_logits.max(-1).values.topk(20).indices
+    torch.testing.assert_close(_decoder_refs(trace)[0], (enc_boxes + anchors[0])[top].sigmoid())
+    with pytest.raises(ValueError, match="query 20 out of range"):
+        plot_sampling_points(trace, query=20)
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        plot_sampling_points(trace, query=0, layer=3)
+
+
+def test_explain_cli_figures_after_a_denoising_trace(tmp_path, capsys):
+    cli.main(["explain", "--config", TOY["rtdetr_v2"], "--figures", str(tmp_path), "--query", "2"])
+    out = capsys.readouterr().out
+    for name in ("query_selection", "sampling_points", "box_refinement"):
+        assert f"wrote {tmp_path / name}.png" in out
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000

@@ -7,8 +7,16 @@ loaders (torchvision ``CocoDetection`` + DETR's ``ConvertCocoPolysToMask``) do i
 
 - images in increasing id order; ``limit`` keeps the first N (after ``keep_empty``);
 - crowd annotations (``iscrowd=1``) are not trained on, but stay in the evaluation ground truth;
-- boxes with a non-positive width or height are skipped (counted in one log line); the rest
-  are clamped to the image, and boxes left without area are dropped;
+- boxes with a non-positive width or height, and boxes lying entirely outside their image
+  (by the JSON ``width``/``height``), are skipped and counted in one log line; the rest are
+  clamped to the image;
+- a ``width``/``height`` in the JSON that differs from the decoded image is an error naming
+  the image (found when the image is loaded, or at set-up with ``check_images``);
+  ``check_images`` decodes every image at set-up, ``skip_unreadable`` drops the images that
+  cannot be decoded (counted in a warning) instead of stopping;
+- a training split without a single trainable box warns (the model would learn background
+  only); a validation split without one stops at set-up (its mAP, the checkpoint monitor,
+  would be -1);
 - category ids are mapped to contiguous 0-based labels in increasing id order
   (``label_to_category_id`` maps back for evaluation; ``num_classes`` = number of categories,
   not max id + 1).
@@ -30,6 +38,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,10 +125,11 @@ class _CocoFile:
     image_ids: np.ndarray  # int64 [N], increasing
     file_names: list[str]  # [N]
     image_rows: np.ndarray  # int64 [N]: row of each image in dataset["images"]
+    image_sizes: np.ndarray  # int64 [N,2]: (height, width) from the JSON, 0 where not given
     ann_start: np.ndarray  # int64 [N+1]: trainable boxes of image i are [start[i], start[i+1])
     boxes: np.ndarray  # float32 [M,4] xywh pixels (non-crowd, positive width and height)
     labels: np.ndarray  # int64 [M] contiguous 0-based
-    num_skipped: int  # boxes skipped for a non-positive width/height
+    num_skipped: int  # boxes skipped for a non-positive width/height or lying outside
 
 
 def load_coco_file(path: str | os.PathLike[str]) -> _CocoFile:
@@ -148,12 +158,14 @@ def load_coco_file(path: str | os.PathLike[str]) -> _CocoFile:
         raise CocoFormatError(f"{path}: duplicate image ids {_ids_text(sorted(dup_images))}")
     image_rows = np.array(sorted(range(len(images)), key=lambda r: images[r]["id"]), np.int64)
     image_ids = np.array([images[r]["id"] for r in image_rows], dtype=np.int64)
+    image_sizes = np.array([_json_size(images[r]) for r in image_rows], np.int64).reshape(-1, 2)
     index_of_image = {int(iid): i for i, iid in enumerate(image_ids)}
 
     owners: list[int] = []  # image index of each trainable box
     boxes: list[list[float]] = []
     labels: list[int] = []
-    skipped: list[Any] = []
+    skipped: list[Any] = []  # non-positive width or height
+    outside: list[Any] = []  # no area left once clamped to the image
     ann_ids: list[Any] = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "id" not in ann:
@@ -188,19 +200,30 @@ def load_coco_file(path: str | os.PathLike[str]) -> _CocoFile:
             continue
         if ann.get("iscrowd", 0):
             continue
+        height, width = image_sizes[image_index]
+        if width > 0 and height > 0 and not _overlaps_image(bbox, width, height):
+            outside.append(aid)
+            continue
         owners.append(image_index)
         boxes.append([float(v) for v in bbox])
         labels.append(label)
     dup_anns = [aid for aid, n in Counter(ann_ids).items() if n > 1]
     if dup_anns:
         raise CocoFormatError(f"{path}: duplicate annotation ids {_ids_text(sorted(dup_anns))}")
-    if skipped:
+    if skipped or outside:
+        reasons = [
+            f"{len(ids)} {why} (ids {_ids_text(ids)})"
+            for ids, why in (
+                (skipped, "with non-positive width or height"),
+                (outside, "lying entirely outside their image"),
+            )
+            if ids
+        ]
         log.warning(
-            "%s: skipped %d annotation(s) with non-positive width or height (ids %s), "
-            "as the official loaders do",
+            "%s: skipped %d annotation(s): %s, as the official loaders do",
             path,
-            len(skipped),
-            _ids_text(skipped),
+            len(skipped) + len(outside),
+            "; ".join(reasons),
         )
 
     owner = np.asarray(owners, dtype=np.int64)
@@ -214,11 +237,26 @@ def load_coco_file(path: str | os.PathLike[str]) -> _CocoFile:
         image_ids=image_ids,
         file_names=[images[r]["file_name"] for r in image_rows],
         image_rows=image_rows,
+        image_sizes=image_sizes,
         ann_start=ann_start,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[order],
         labels=np.asarray(labels, dtype=np.int64)[order],
-        num_skipped=len(skipped),
+        num_skipped=len(skipped) + len(outside),
     )
+
+
+def _json_size(image: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of an ``images`` entry, 0 for a missing or non-numeric value."""
+    h, w = image.get("height"), image.get("width")
+    valid = all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in (h, w))
+    return (int(h), int(w)) if valid else (0, 0)
+
+
+def _overlaps_image(bbox: Sequence[float], width: float, height: float) -> bool:
+    """Whether an xywh box keeps an area once clamped to the image (the official rule)."""
+    x0, y0 = max(bbox[0], 0.0), max(bbox[1], 0.0)
+    x1, y1 = min(bbox[0] + bbox[2], width), min(bbox[1] + bbox[3], height)
+    return x1 > x0 and y1 > y0
 
 
 @dataclass
@@ -228,6 +266,7 @@ class CocoImages:
     image_dir: Path
     image_ids: np.ndarray  # int64 [N]
     file_names: np.ndarray  # str [N]
+    image_sizes: np.ndarray  # int64 [N,2] (height, width) from the JSON, 0 where not given
     ann_start: np.ndarray  # int64 [N+1]
     boxes: np.ndarray  # float32 [M,4] xywh pixels
     labels: np.ndarray  # int64 [M]
@@ -239,6 +278,21 @@ class CocoImages:
         """Trainable boxes per image, int64 [N]."""
         return np.diff(self.ann_start)
 
+    def subset(self, keep: np.ndarray) -> CocoImages:
+        """The images at the (increasing) indices ``keep`` with their boxes."""
+        starts, ends = self.ann_start[keep], self.ann_start[keep + 1]
+        rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)] or [[]])
+        rows = rows.astype(np.int64)
+        return CocoImages(
+            image_dir=self.image_dir,
+            image_ids=self.image_ids[keep],
+            file_names=self.file_names[keep],
+            image_sizes=self.image_sizes[keep],
+            ann_start=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
+            boxes=self.boxes[rows],
+            labels=self.labels[rows],
+        )
+
 
 def _select(
     parsed: _CocoFile, image_dir: Path, keep_empty: bool, limit: int | None
@@ -248,18 +302,45 @@ def _select(
     chosen = np.arange(len(parsed.image_ids)) if keep_empty else np.flatnonzero(counts > 0)
     if limit is not None:
         chosen = chosen[:limit]
-    starts, ends = parsed.ann_start[chosen], parsed.ann_start[chosen + 1]
-    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)] or [[]])
-    rows = rows.astype(np.int64)
-    images = CocoImages(
+    everything = CocoImages(
         image_dir=image_dir,
-        image_ids=parsed.image_ids[chosen],
-        file_names=np.array([parsed.file_names[i] for i in chosen], dtype=str),
-        ann_start=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
-        boxes=parsed.boxes[rows],
-        labels=parsed.labels[rows],
+        image_ids=parsed.image_ids,
+        file_names=np.array(parsed.file_names, dtype=str),
+        image_sizes=parsed.image_sizes,
+        ann_start=parsed.ann_start,
+        boxes=parsed.boxes,
+        labels=parsed.labels,
     )
-    return images, chosen
+    return everything.subset(chosen), chosen
+
+
+def _decode_problems(images: CocoImages) -> tuple[list[int], list[str]]:
+    """Decode every image: indices of the unreadable ones (with the reason) and of size
+    mismatches with the JSON (with the message)."""
+    unreadable, messages = [], []
+    for i, (iid, name) in enumerate(zip(images.image_ids, images.file_names, strict=True)):
+        path = images.image_dir / str(name)
+        try:
+            with Image.open(path) as pil:
+                pil.load()
+                width, height = pil.size
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            unreadable.append(i)
+            messages.append(f"image id {int(iid)} ({path}): {e}")
+            continue
+        _check_size(images, i, height, width)
+    return unreadable, messages
+
+
+def _check_size(images: CocoImages, index: int, height: int, width: int) -> None:
+    json_h, json_w = (int(v) for v in images.image_sizes[index])
+    if json_h and json_w and (json_h, json_w) != (height, width):
+        path = images.image_dir / str(images.file_names[index])
+        raise CocoFormatError(
+            f"image id {int(images.image_ids[index])} ({path}) is {width}x{height} pixels but "
+            f"its 'width'/'height' in the annotation file say {json_w}x{json_h}: the boxes "
+            "would not match the pixels; fix the JSON entry or the image"
+        )
 
 
 def _check_files(images: CocoImages, ann_file: Path) -> None:
@@ -317,6 +398,7 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
         except OSError as e:
             raise OSError(f"cannot read image id {image_id} ({path}): {e}") from e
         height, width = image.shape[:2]
+        _check_size(images, index, height, width)
         s, e = images.ann_start[index], images.ann_start[index + 1]
         xywh = images.boxes[s:e]  # [n,4]
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
@@ -365,6 +447,10 @@ class CocoDataModule(L.LightningDataModule):
         limit: keep only the first N images (by id) of each split, for quick experiments.
         keep_empty: keep training images without trainable annotations (background images).
             Evaluation splits always keep every image, as the official evaluation does.
+        check_images: decode every image of the stage's splits at set-up (and compare its
+            size with the JSON) instead of finding a bad one when its batch loads.
+        skip_unreadable: decode every image at set-up and drop those that cannot be decoded
+            (a warning counts and names them; evaluation leaves them out) instead of stopping.
         batch_size, val_batch_size: per-device batch sizes (val defaults to batch_size).
         num_workers, pin_memory: DataLoader settings (workers are persistent;
             pin_memory only takes effect when CUDA is available).
@@ -388,6 +474,8 @@ class CocoDataModule(L.LightningDataModule):
         recipe: Recipe = "detr",
         limit: int | None = None,
         keep_empty: bool = True,
+        check_images: bool = False,
+        skip_unreadable: bool = False,
         batch_size: int = 2,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -413,6 +501,8 @@ class CocoDataModule(L.LightningDataModule):
         self.recipe = recipe
         self.limit = limit
         self.keep_empty = keep_empty
+        self.check_images = check_images
+        self.skip_unreadable = skip_unreadable
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -483,6 +573,9 @@ class CocoDataModule(L.LightningDataModule):
         keep_empty = self.keep_empty if split == "train" else True
         images, chosen = _select(parsed, image_dir, keep_empty, self.limit)
         _check_files(images, ann_file)
+        if self.check_images or self.skip_unreadable:
+            images, chosen = self._decode_all(images, chosen, ann_file, split)
+        self._check_boxes(images, ann_file, split)
         self._splits[split] = images
         if split != "train":
             self._gt_dicts[split] = _evaluation_gt(parsed, chosen)
@@ -494,6 +587,44 @@ class CocoDataModule(L.LightningDataModule):
         if not pending:
             parsed.dataset = {}  # every split of this file is indexed: free the raw JSON
         return images
+
+    def _decode_all(
+        self, images: CocoImages, chosen: np.ndarray, ann_file: Path, split: str
+    ) -> tuple[CocoImages, np.ndarray]:
+        unreadable, messages = _decode_problems(images)
+        if not unreadable:
+            return images, chosen
+        listed = "; ".join(messages[:3]) + (" ..." if len(messages) > 3 else "")
+        if not self.skip_unreadable:
+            raise CocoFormatError(
+                f"{len(unreadable)} image(s) of {ann_file} cannot be decoded: {listed} "
+                "(skip_unreadable: true drops them)"
+            )
+        warnings.warn(
+            f"{split} split: skipped {len(unreadable)} of {len(images)} image(s) that cannot "
+            f"be decoded: {listed}",
+            stacklevel=2,
+        )
+        keep = np.setdiff1d(np.arange(len(images)), unreadable)
+        return images.subset(keep), chosen[keep]
+
+    @staticmethod
+    def _check_boxes(images: CocoImages, ann_file: Path, split: str) -> None:
+        if len(images.boxes) > 0:
+            return
+        if split == "train":
+            warnings.warn(
+                f"{ann_file}: the train split has no trainable box (every annotation is crowd, "
+                "degenerate or missing): the model will learn background only",
+                stacklevel=2,
+            )
+        elif split == "val":
+            raise CocoFormatError(
+                f"{ann_file}: the val split ({len(images)} images) has no ground-truth box "
+                "(every annotation is crowd, degenerate or missing), so val/map, the checkpoint "
+                "monitor, cannot be computed; point val_annotations to a labelled file, or "
+                "val_annotations: null to train without validation"
+            )
 
     def _stage_splits(self, stage: str | None) -> list[str]:
         wanted = {

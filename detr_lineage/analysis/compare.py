@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
+from .dn_curves import class_loss_kind, crossing_label, plot_denoising_class_loss
 from .runs import Run, config_differences, group_runs, is_run_dir, load_runs
 from .summary import markdown_table, summary_tables
 
@@ -39,7 +40,9 @@ class Comparison:
     images: list[Path] = field(default_factory=list)
 
 
-DEFAULT_PLOTS = ("train/loss*", MAP_METRIC, "val/map_50")
+DEFAULT_PLOTS = ("train/loss*", MAP_METRIC, "val/map_50", "val/near_miss", "val/duplicates")
+# shown in summary.md: DN on vs off class loss, the overview, mAP@0.5 vs steps / epochs / time
+HEADLINE_FIGURES = ("dn_class_loss", "overview", "val__map_50")
 
 
 def plotted_metrics(
@@ -102,14 +105,28 @@ def compare(
     if make_plots:
         chosen = plotted_metrics(runs, metric, plot_patterns)
         overview = [m for m in dict.fromkeys(("train/loss", MAP_METRIC, metric)) if m in chosen]
+        kinds = {g: class_loss_kind(rs) for g, rs in groups.items()}
+        mixed = kinds if len(set(kinds.values())) > 1 else None  # never unlabelled on one axis
         if overview:
-            fig = plots.plot_overview(groups, overview, smooth=smooth)
+            fig = plots.plot_overview(groups, overview, smooth=smooth, kinds=mixed)
             result.images.append(plots.save(fig, out / "overview.png"))
+        dn = plot_denoising_class_loss(groups, smooth=smooth)
+        if dn is not None:
+            result.images.insert(0, plots.save(dn[0], out / "dn_class_loss.png"))
+            lines = [f"- {on} vs {off}: {crossing_label(c)}" for on, off, c in dn[1]]
+            result.markdown += (
+                "\n## Denoising on vs off (class loss of the matching queries)\n\n"
+                "The first step where the DN run's smoothed class loss reaches the off run's "
+                "final value:\n\n" + "\n".join(lines) + "\n"
+            )
         for m in chosen:
-            fig = plots.plot_metric(groups, m, smooth)
+            has_class_term = m.split("/")[-1] == "loss" or "class" in m
+            fig = plots.plot_metric(groups, m, smooth, kinds=mixed if has_class_term else None)
             result.images.append(plots.save(fig, out / plots.metric_filename(m)))
         if result.images:
-            figures = "\n".join(f"![{p.stem}]({p.name})" for p in result.images[:3])
+            headline = [p for p in result.images if p.stem in HEADLINE_FIGURES]
+            headline += [p for p in result.images if p not in headline][: max(0, 3 - len(headline))]
+            figures = "\n".join(f"![{p.stem}]({p.name})" for p in headline)
             result.markdown += f"\n## Curves\n\n{figures}\n\nAll metrics: `*.png` in this folder.\n"
     (out / "summary.md").write_text(result.markdown)
     return result

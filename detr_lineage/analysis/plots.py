@@ -24,6 +24,7 @@ from .runs import Run
 TRAIN_SMOOTHING = 0.6
 X_AXES = {"steps": "optimiser steps", "epoch": "epochs", "wall_s": "wall time"}
 BAND_NOTE = "line: mean over seeds; band: min–max over seeds (none with one seed)"
+KINDS_NOTE = "class losses of different kinds [in brackets] are not comparable in value"
 
 
 def ema(values: np.ndarray, weight: float) -> np.ndarray:
@@ -82,6 +83,7 @@ def _draw(
     x: str,
     smooth: float,
     colours: Mapping[str, str],
+    suffix: Mapping[str, str] | None = None,
 ) -> bool:
     scale, unit = 1.0, ""
     if x == "wall_s":
@@ -94,7 +96,7 @@ def _draw(
             continue
         marker = "o" if not metric.startswith("train/") else None
         xs = curve["x"].to_numpy(float) / scale
-        label = f"{group} (n={len(runs)})"
+        label = f"{group} (n={len(runs)})" + (f" [{suffix[group]}]" if suffix else "")
         ax.plot(xs, curve["mean"], color=colours[group], marker=marker, ms=3, lw=1.4, label=label)
         if len(runs) > 1:
             ax.fill_between(xs, curve["lo"], curve["hi"], color=colours[group], alpha=0.2, lw=0)
@@ -118,21 +120,28 @@ def plot_metric(
     metric: str,
     smooth: float = TRAIN_SMOOTHING,
     axes: Sequence[str] = ("steps", "epoch", "wall_s"),
+    kinds: Mapping[str, str] | None = None,
 ) -> Figure:
-    """One metric, one panel per x axis, one line (+ band) per group."""
+    """One metric, one panel per x axis, one line (+ band) per group.
+
+    ``kinds`` (group -> class-loss kind) labels each line with its kind and says in the title
+    that the values of different kinds are not comparable (pass it for losses with a class term).
+    """
     fig = Figure(figsize=(5 * len(axes), 4.0))
     panels = fig.subplots(1, len(axes), squeeze=False)
     colours = group_colours(list(groups))
     for ax, x in zip(panels[0], axes):
-        if not _draw(ax, groups, metric, x, smooth, colours):
+        if not _draw(ax, groups, metric, x, smooth, colours, kinds):
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     panels[0][0].set_ylabel(metric + (" (log)" if is_loss(metric) else ""))
     panels[0][0].legend(fontsize=8)
     note = BAND_NOTE
     if metric.startswith("train/") and smooth > 0:
         note = f"EMA smoothing {smooth:g}; " + note
+    if kinds:
+        note = f"{KINDS_NOTE}\n{note}"
     fig.suptitle(f"{metric}\n{note}", fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.84, wspace=0.18)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.8 if kinds else 0.84, wspace=0.18)
     return fig
 
 
@@ -141,16 +150,22 @@ def plot_overview(
     metrics: Sequence[str] = ("train/loss", "val/map", "val/map_50"),
     x: str = "steps",
     smooth: float = TRAIN_SMOOTHING,
+    kinds: Mapping[str, str] | None = None,
 ) -> Figure:
-    """The headline metrics side by side against one x axis (the README figure)."""
+    """The headline metrics side by side against one x axis (the README figure); ``kinds`` as
+    in ``plot_metric`` (labels the loss panels' lines)."""
     fig = Figure(figsize=(5 * len(metrics), 4.0))
     panels = fig.subplots(1, len(metrics), squeeze=False)
     colours = group_colours(list(groups))
     for ax, metric in zip(panels[0], metrics):
-        _draw(ax, groups, metric, x, smooth, colours)
+        _draw(ax, groups, metric, x, smooth, colours, kinds if is_loss(metric) else None)
         ax.set_title(metric + (" (log)" if is_loss(metric) else ""), fontsize=10)
-    panels[0][0].legend(fontsize=8)
-    fig.suptitle(f"train curves: EMA smoothing {smooth:g}; {BAND_NOTE}", fontsize=9)
+        if is_loss(metric):
+            ax.legend(fontsize=8)
+    if not any(is_loss(m) for m in metrics):
+        panels[0][0].legend(fontsize=8)
+    note = f"train curves: EMA smoothing {smooth:g}; {BAND_NOTE}"
+    fig.suptitle(note + (f"\n{KINDS_NOTE}" if kinds else ""), fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.86, wspace=0.2)
     return fig
 

@@ -331,3 +331,26 @@ def test_killed_run_resumes_without_gap_or_repeat(tmp_path, monkeypatch, capsys)
     ablate.main([str(spec), "--out", str(out), "--no-compare"])
     assert "[1/1] detr-dn_off-s0: finished earlier, skipped" in capsys.readouterr().out
     assert (run_dir / "metrics.csv").read_bytes() == before
+
+
+def test_ablate_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Spec configs resolve next to the spec, then in the repository, never against the cwd."""
+    spec_dir, elsewhere = tmp_path / "specs", tmp_path / "elsewhere"
+    spec_dir.mkdir()
+    elsewhere.mkdir()
+    (spec_dir / "my_detr.yaml").write_text((ROOT / "experiments/toy/detr.yaml").read_text())
+    spec = spec_dir / "grid.yaml"
+    spec.write_text(
+        "variants:\n"
+        "  mine: {config: my_detr.yaml, denoising: none}\n"  # next to the spec
+        "  dn_detr: {config: experiments/toy/dn_detr.yaml, denoising: [off]}\n"  # repository
+        "seeds: [0]\n"
+    )
+    monkeypatch.chdir(elsewhere)
+    ablate.main([str(spec), "--dry-run", "--out", "out"])
+    log = capsys.readouterr().out
+    mine = str(spec_dir / "my_detr.yaml")
+    dn_detr, off = (str(ROOT / p) for p in ("experiments/toy/dn_detr.yaml", OFF))
+    assert f"--config {mine} --run.name mine-dn_off-s0" in log
+    assert f"--config {dn_detr} --config {off} --run.name dn_detr-dn_off-s0" in log
+    assert not (elsewhere / "out").exists()  # a dry run writes nothing

@@ -10,6 +10,11 @@ a successful exit) is skipped; a run without one resumes (``--ckpt_path``) from 
 readable checkpoint (``ResumeCheckpoint`` saves one every ``checkpoint_every_n_steps``), its
 ``metrics.csv`` continuing; a run that died before its first checkpoint starts over.
 Seeds are the outer loop, so an ablation stopped half-way has every configuration once.
+
+Works from any directory: a relative config path in a spec (``config``,
+``denoising_off_config``) is looked for next to the spec, then in the repository
+(``experiments/...``), then in the current directory; ``out`` (and ``--out``) is relative to
+the current directory.
 """
 
 from __future__ import annotations
@@ -127,14 +132,34 @@ class Spec:
     notes: list[str] = field(default_factory=list)
 
 
-def _under(root: Path, path: str) -> str:
-    """Config paths are relative to ``root`` (the repository); kept relative when it is ``.``."""
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding experiments/
+
+
+def spec_roots(spec_path: str | Path) -> list[Path]:
+    """Where a spec's relative config paths are looked for, in order: the spec's own directory,
+    the repository this package runs from (``experiments/...`` paths), the current directory."""
+    roots = [Path(spec_path).resolve().parent]
+    if (REPO_ROOT / "experiments").is_dir():
+        roots.append(REPO_ROOT)
+    return [*roots, Path.cwd()]
+
+
+def _under(roots: Sequence[Path], path: str) -> str:
+    """A relative config path -> the first root that has it (kept as given for root ``.``)."""
     path = str(path)
-    return path if Path(path).is_absolute() or root == Path(".") else str(root / path)
+    if Path(path).is_absolute():
+        return path
+    for root in roots:
+        if (root / path).is_file():
+            return path if root == Path(".") else str(root / path)
+    return path if roots[0] == Path(".") else str(roots[0] / path)
 
 
-def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = ".") -> Spec:
-    """A spec mapping (a YAML file's content) -> ``Spec``; config paths are relative to ``root``.
+def parse_spec(
+    raw: dict[str, Any], name: str = "ablation", root: str | Path | Sequence[Path] = "."
+) -> Spec:
+    """A spec mapping (a YAML file's content) -> ``Spec``; config paths are relative to ``root``
+    (a directory, or directories searched in order; see ``spec_roots``).
 
     Variants whose config is missing are an error, unless marked ``optional`` (then dropped with
     a note: how the RT-DETRv2 entry waits for its config).
@@ -142,7 +167,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = "
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise ValueError(f"unknown spec keys {sorted(unknown)}; valid: {sorted(SPEC_KEYS)}")
-    root = Path(root)
+    roots = [Path(root)] if isinstance(root, str | Path) else [Path(r) for r in root]
     default_dn = [_onoff(v) for v in raw.get("denoising", ["on", "off"])]
     variants, notes = [], []
     for vname, body in (raw.get("variants") or {}).items():
@@ -156,7 +181,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = "
         configs = [configs] if isinstance(configs, str) else list(configs or [])
         if not configs:
             raise ValueError(f"variant {vname!r} needs a config")
-        configs = [_under(root, c) for c in configs]
+        configs = [_under(roots, c) for c in configs]
         missing = [c for c in configs if not Path(c).is_file()]
         if missing and body.get("optional"):
             notes.append(f"variant {vname} skipped: {', '.join(missing)} does not exist yet")
@@ -186,17 +211,21 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", root: str | Path = "
         axes=axes,
         exclude=[{str(k): str(v) for k, v in e.items()} for e in raw.get("exclude") or []],
         overrides=dict(raw.get("overrides") or {}),
-        denoising_off_config=_under(root, raw.get("denoising_off_config", DEFAULT_OFF_CONFIG)),
+        denoising_off_config=_under(roots, raw.get("denoising_off_config", DEFAULT_OFF_CONFIG)),
         checkpoint_every_n_steps=int(every) if every else None,
         compare=dict(raw.get("compare") or {}),
         notes=notes,
     )
 
 
-def load_spec(path: str | Path, root: str | Path = ".") -> Spec:
+def load_spec(path: str | Path, root: str | Path | None = None) -> Spec:
+    """Read a spec file; relative config paths resolve against ``root`` if given, else against
+    the spec's directory, the repository, the current directory (first match)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ablation spec not found: {path}")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    return parse_spec(raw, Path(path).stem, root)
+    return parse_spec(raw, Path(path).stem, spec_roots(path) if root is None else root)
 
 
 # -- the grid -------------------------------------------------------------------------------

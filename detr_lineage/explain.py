@@ -640,7 +640,7 @@ VARIANTS: dict[str, Variant] = {
                 _io("3x3 stride-2 conv"),
             ),
             Probe(r"encoder\.pan_blocks\.\d+", "CCFF fusion: bottom-up (PAN)", _csp),
-            Probe(r"input_proj\.\d+", "Decoder input projections", _io("1x1 conv + BN")),
+            Probe(r"input_proj\.\d+", "Projections to the decoder width", _io("1x1 conv + BN")),
             Probe(r"enc_output", "Flatten + concat levels, query selection", _memory),
             Probe(
                 r"enc_score_head",
@@ -816,6 +816,19 @@ def sections(trace: Trace) -> list[Section]:
     return out
 
 
+def overview(trace: Trace) -> list[tuple[str, str]]:
+    """One (stage, shape it hands on) pair per section: the pipeline at a glance."""
+    out = []
+    for sec in sections(trace):
+        keys = [text for name, text in sec.lines if name.strip().startswith(HANDS_ON)]
+        out.append((sec.title, (keys or [sec.lines[-1][1]])[0].split(" -> ")[-1]))
+    return out
+
+
+HANDS_ON = ("memory", "decoder input", "FFN", "pred_logits")
+"""Lines whose shape is what a section hands on (else its last line's)."""
+
+
 def header(trace: Trace, source: str) -> list[str]:
     k, d = trace.num_matching, trace.denoising
     img = tuple(trace.image.shape)
@@ -831,10 +844,14 @@ def header(trace: Trace, source: str) -> list[str]:
     return lines
 
 
-def render_text(trace: Trace, source: str) -> str:
-    width = max(len(name) for s in sections(trace) for name, _ in s.lines) + 2
+def render_text(trace: Trace, source: str, stages: Sequence[str] | None = None) -> str:
+    """The explanation as text; ``stages``: only sections whose title starts with one of them."""
+    secs = sections(trace)
+    if stages is not None:
+        secs = [s for s in secs if any(s.title.startswith(p) for p in stages)]
+    width = max(len(name) for s in secs for name, _ in s.lines) + 2
     out = header(trace, source)
-    for section in sections(trace):
+    for section in secs:
         out.append(f"== {section.title} ==")
         out.extend(f"  {name:<{width}}{text}" for name, text in section.lines)
     return "\n".join(out) + "\n"
@@ -849,9 +866,8 @@ def render_markdown(trace: Trace, source: str) -> str:
     secs = sections(trace)
     out = [f"# Tensor flow of {trace.variant}", "", *[f"- {h}" for h in header(trace, source)]]
     out += ["", "```mermaid", "flowchart TD"]
-    for i, sec in enumerate(secs):
-        last = sec.lines[-1][1].split(" -> ")[-1]
-        out.append(f'  s{i}["{_mermaid_label(sec.title)}<br/>{_mermaid_label(last)}"]')
+    for i, (title, last) in enumerate(overview(trace)):
+        out.append(f'  s{i}["{_mermaid_label(title)}<br/>{_mermaid_label(last)}"]')
         if i:
             out.append(f"  s{i - 1} --> s{i}")
     out += ["```", ""]

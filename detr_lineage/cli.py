@@ -39,7 +39,9 @@ class RunConfig:
     name: run name (default: the model class); group: runs that differ only by seed share it;
     tags: free labels (variant, denoising on/off, ...); dir: root of all runs;
     version: fixed version number (default: next free one, or the resumed checkpoint's);
-    wandb: also log to W&B (offline unless ``WANDB_MODE=online``).
+    wandb: also log to W&B (offline unless ``WANDB_MODE=online``);
+    init_weights: ``fit`` starts from this checkpoint's weights (e.g. ``detr-lineage convert``
+        output; class heads of another size are left at init), not from its training state.
     """
 
     name: str | None = None
@@ -48,6 +50,7 @@ class RunConfig:
     dir: str = "runs"
     version: int | None = None
     wandb: bool = True
+    init_weights: str | None = None
 
 
 def version_of_checkpoint(ckpt_path: str | None) -> int | None:
@@ -318,6 +321,14 @@ class DetrLineageCLI(LightningCLI):
             if "Does not validate against any of the Union subtypes" not in str(e):
                 raise
             raise ConfigError(config_error_cause(str(e))) from e
+
+    def before_fit(self) -> None:
+        path = self.config["fit"]["run"].get("init_weights")
+        if path:
+            from .convert import load_initial_weights
+
+            kept = load_initial_weights(self.model, path)
+            print(f"initial weights from {path}" + (f"; left at init: {kept}" if kept else ""))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -345,5 +345,5 @@ def load_detector(ckpt_path: str, map_location: str = "cpu") -> DetectionModule:
         raise ValueError(f"{ckpt_path}: not a detr_lineage checkpoint (no 'model_class' entry)")
     module_name, _, class_name = checkpoint["model_class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location)
+    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=False)
     return model.eval()

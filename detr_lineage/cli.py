@@ -369,6 +369,7 @@ EXTRA_COMMANDS = {
     "compare": "detr_lineage.analysis.compare",
     "ablate": "detr_lineage.analysis.ablate",
     "explain": "detr_lineage.explain",
+    "convert": "detr_lineage.convert",
 }
 
 

@@ -303,3 +303,11 @@ def test_fit_loads_init_weights_before_training(tmp_path: Path) -> None:
             ["fit", "--config", config, *TINY, "--trainer.fast_dev_run=1", f"--run.dir={tmp_path}"]
             + ["--run.wandb=false", f"--run.init_weights={path}"]
         )
+
+
+def test_convert_is_a_subcommand(capsys: pytest.CaptureFixture) -> None:
+    from detr_lineage.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "--help"])
+    assert "--variant" in capsys.readouterr().out

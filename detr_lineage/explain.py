@@ -229,7 +229,7 @@ def _io(label: str, query_axis: int | None = None) -> Callable:
         return [
             (
                 label,
-                f"{shape(tensors[:1], sym, query_axis)} -> {shape(call.output, sym, query_axis)}",
+                f"{shape(tensors, sym, query_axis)} -> {shape(call.output, sym, query_axis)}",
             )
         ]
 
@@ -331,7 +331,8 @@ def _decoder_input(call: Call, trace: Trace) -> list[tuple[str, str]]:
     if ref is not None:
         lines.append(("reference boxes (cx, cy, w, h)", shape(ref, sym, 1)))
     if query_pos is not None:
-        lines.append(("query position (learned)", shape(query_pos, sym, 1)))
+        what = "[denoising | learned]" if d else "learned"
+        lines.append((f"query position ({what})", shape(query_pos, sym, 1)))
     mem = memory.value if isinstance(memory, Memory) else memory
     lines.append(("memory (keys / values)", shape(mem, sym)))
     if memory.spatial_shapes is not None:
@@ -589,6 +590,11 @@ VARIANTS: dict[str, Variant] = {
         "DETR",
         [
             *SINGLE_SCALE_ENCODER,
+            Probe(
+                r"dn_query_pos",
+                "Denoising queries (optional on DETR)",
+                _io("noised GT labels, boxes -> query pos"),
+            ),
             _cross_probe(_dense_cross),
             *DECODER_PROBES,
             Probe(

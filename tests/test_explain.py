@@ -25,6 +25,7 @@ TOY = {
     "rtdetr_v2": "experiments/toy/rtdetr_v2.yaml",
 }
 NO_DN = "experiments/ablations/no_denoising.yaml"
+WITH_DN = "experiments/ablations/with_denoising.yaml"
 
 # stage titles every variant's explanation must contain
 STAGES = {
@@ -108,6 +109,18 @@ def test_explain_dn_switch_and_markdown(tmp_path, capsys):
     assert "```mermaid" in text and "flowchart TD" in text
     assert "## Decoder layer 0" in text and "| step | shapes |" in text
     assert "`(B, 8, 20+20, 16)`" in text  # conditional cross-attention map over 4x4 tokens
+
+
+def test_explain_detr_with_denoising(capsys):
+    """DETR + denoising (the course's exercise): the denoising query positions and the mask."""
+    cli.main(["explain", "--config", TOY["detr"], "--config", WITH_DN])
+    out = capsys.readouterr().out
+    image, target = toy_image(64)
+    d = 5 * len(target["labels"])  # DN-DETR groups: 5 x M positive slots
+    assert f"d = {d} queries (5 groups x {len(target['labels'])} slots)" in out
+    assert f"noised GT labels, boxes -> query pos     (B, {d}), (B, {d}, 4) -> (B, {d}, 128)" in out
+    assert f"query position ([denoising | learned])   (B, 20+{d}, 128)" in out
+    assert f"attention map (8 heads)                (B, 8, 20+{d}, 16)" in out
 
 
 def test_explain_bad_input_is_named(tmp_path, capsys):

@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``detr-lineage`` and ``python -m detr_lineage``."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args[:1] == ["predict"] and any(a.split("=")[0] == "--images" for a in args):
+        from .predict import main as predict_main  # on image files; else LightningCLI's
+
+        predict_main(args[1:])
+        return
     if args and args[0] in EXTRA_COMMANDS:
         import importlib
 

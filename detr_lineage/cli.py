@@ -370,6 +370,7 @@ EXTRA_COMMANDS = {
     "ablate": "detr_lineage.analysis.ablate",
     "explain": "detr_lineage.explain",
     "convert": "detr_lineage.convert",
+    "export": "detr_lineage.export",
 }
 
 

@@ -133,7 +133,7 @@ def plot_sampling_points(trace: Trace, query: int | None = None, layer: int = -1
     for lvl, (ax, n) in enumerate(zip(axes, module.num_points)):
         h, w = _image(ax, trace)
         if reference.numel() == 4:
-            ax.add_patch(_rect(reference, h, w, ec="white", ls="--", lw=1.2))
+            ax.add_patch(_rect(reference, h, w, ec="black", ls="--", lw=1.2))
         ax.add_patch(_rect(box, h, w, ec="white", lw=1.5))
         pts = locations[:, start : start + n]  # [H,n,2]
         wts = weights[:, start : start + n]
@@ -160,7 +160,7 @@ def plot_sampling_points(trace: Trace, query: int | None = None, layer: int = -1
     fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
     fig.suptitle(
         f"{trace.variant}: query {query}, decoder layer {layer}, sampling points "
-        "(area = attention weight); dashed: reference box, solid: the layer's box",
+        "(area = attention weight); black dashed: reference box, white: the layer's box",
         fontsize=9,
     )
     return fig
@@ -187,7 +187,7 @@ def plot_box_refinement(trace: Trace, query: int | None = None) -> Figure:
     h, w = _image(ax, trace)
     has_ref = _has_refs(trace)
     if has_ref:
-        ax.add_patch(_rect(boxes[0], h, w, ec="white", ls="--", lw=1.2, label="decoder input"))
+        ax.add_patch(_rect(boxes[0], h, w, ec="black", ls="--", lw=1.2, label="decoder input"))
     cmap = colormaps["autumn"]
     n = len(boxes) - 1
     for i, box in enumerate(boxes[1:]):

@@ -202,10 +202,14 @@ def test_coco_optimisation_is_official(name):
     assert tuple(hp.betas) == (0.9, 0.999)
     assert config.trainer.max_epochs == epochs and config.trainer.gradient_clip_val == clip
     callbacks = config.trainer.callbacks or []
-    emas = [c.init_args.decay for c in callbacks if c.class_path.endswith(".EMAWeightAveraging")]
-    assert emas == ([] if ema is None else [ema])
+    emas = [
+        (c.init_args.decay, c.init_args.warmups)
+        for c in callbacks
+        if c.class_path == "detr_lineage.ema.WarmupEMAWeightAveraging"
+    ]
+    assert emas == ([] if ema is None else [(ema, 2000)])  # the official warm-up
     assert len(emas) == sum(
-        type(c).__name__ == "EMAWeightAveraging" for c in trainer.callbacks or []
+        type(c).__name__ == "WarmupEMAWeightAveraging" for c in trainer.callbacks or []
     )
     assert data.recipe == recipe and data.rtdetr_stop_epoch == stop
 

@@ -63,3 +63,22 @@ def test_detr_output_of_a_padded_image_equals_the_officially_padded_one() -> Non
         net.encoder.backbone.forward = lambda x, masks=None, f=net.encoder.backbone.forward: f(x)
         official = net(images, batch["masks"])["pred_logits"]
     torch.testing.assert_close(ours, official, rtol=0, atol=1e-5)
+
+
+def test_rtdetrv2_m_star_has_no_weight_decay_on_encoder_decoder_biases() -> None:
+    """Official M* (R34) config: no decay on encoder/decoder norms *and biases*; S: norms only."""
+    from .test_configs import _coco
+
+    def decayed(name: str) -> set[str]:
+        (model, _, _), _ = _coco(name)
+        ids = {
+            id(p) for g in model.parameter_groups() if g["weight_decay"] > 0 for p in g["params"]
+        }
+        return {n for n, p in model.net.named_parameters() if id(p) in ids}
+
+    m_star, s = decayed("rtdetrv2_r34"), decayed("rtdetrv2_r18")
+    head_bias = "dec_score_heads.0.bias"
+    assert head_bias not in m_star and head_bias in s
+    assert not any(n.endswith(".bias") and not n.startswith("backbone.") for n in m_star)
+    assert any(n.endswith(".bias") for n in s)
+    assert "decoder.layers.0.ffn.linear1.weight" in m_star  # weights still decay

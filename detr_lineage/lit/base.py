@@ -102,7 +102,8 @@ class DetectionModule(L.LightningModule):
     """Shared steps; subclasses set ``net``, ``criterion``, ``postprocess``.
 
     Optimiser: AdamW with the backbone at ``lr_backbone``; optionally no weight decay on norm
-    layers (RT-DETR). Schedule, stepped every batch: linear warm-up over
+    layers (RT-DETR) and on the encoder/decoder biases (``no_decay_on_bias``, RT-DETRv2-M*).
+    Schedule, stepped every batch: linear warm-up over
     ``warmup_steps``, then x``lr_gamma`` at each epoch in ``lr_drop_epochs`` (DETR's StepLR).
     """
 
@@ -120,6 +121,7 @@ class DetectionModule(L.LightningModule):
         lr_gamma: float = 0.1,
         warmup_steps: int = 0,
         no_decay_on_norm: bool = False,
+        no_decay_on_bias: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
@@ -288,6 +290,12 @@ class DetectionModule(L.LightningModule):
             for module in self.net.modules():
                 if isinstance(module, norm_types):
                     no_decay.update(module.parameters(recurse=False))
+        if hp.get("no_decay_on_bias"):  # RT-DETRv2-M*: every encoder/decoder bias
+            no_decay.update(
+                p
+                for n, p in self.net.named_parameters()
+                if n.endswith(".bias") and ".backbone." not in f".{n}"
+            )
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue

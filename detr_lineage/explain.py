@@ -921,7 +921,12 @@ def build_model(config: dict, ckpt_path: str | None = None) -> nn.Module:
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(DetectionModule, "model")
-    parsed = parser.parse_object({"model": config["model"]})
+    try:
+        parsed = parser.parse_object({"model": config["model"]})
+    except argparse.ArgumentError as err:  # jsonargparse's message is long; keep its key line
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        key = [line for line in lines if "not accepted" in line or "Expected" in line]
+        raise ValueError(f"the config's model section does not parse: {(key or lines)[0]}") from err
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     model = instantiate(parsed).model
     if ckpt_path:
@@ -1038,22 +1043,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         denoising = has_dn if args.denoising is None else args.denoising == "on"
         weights = args.ckpt_path or "random init"
         trace = trace_forward(net, image, [target], denoising=denoising)
+        what = f"{', '.join(args.config)}; {weights}; {source}"
+        text = render_markdown(trace, what) if args.format == "md" else render_text(trace, what)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        if args.figures:
+            from .analysis.attention_figures import save_figures
+
+            eval_trace = trace if not denoising else trace_forward(net, image)
+            for path in save_figures(eval_trace, args.figures, query=args.query):
+                print(f"wrote {path}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         sys.exit(f"detr-lineage explain: error: {err}")
-    what = f"{', '.join(args.config)}; {weights}; {source}"
-    text = render_markdown(trace, what) if args.format == "md" else render_text(trace, what)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    if args.figures:
-        from .analysis.attention_figures import save_figures
-
-        eval_trace = trace if not denoising else trace_forward(net, image)
-        for path in save_figures(eval_trace, args.figures, query=args.query):
-            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

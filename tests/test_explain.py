@@ -133,6 +133,24 @@ def test_explain_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["explain", "--config", TOY["detr"], "--image", str(tmp_path / "no.png")])
     assert "no.png" in str(err.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model:\n  class_path: detr_lineage.lit.DETR\n"
+        "  init_args:\n    num_classes: 6\n    bogus_key: 3\n"
+    )
+    with pytest.raises(SystemExit) as err:
+        cli.main(["explain", "--config", str(bad)])
+    assert "bogus_key" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["explain", "--config", TOY["detr"], "--figures", str(tmp_path), "--query", "20"])
+    assert "query 20 out of range: 20 matching queries" in str(err.value)
+    # a checkpoint of another variant
+    other = build_model(load_config([TOY["dn_detr"]]))
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": other.state_dict()}, ckpt)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["explain", "--config", TOY["detr"], "--ckpt_path", str(ckpt)])
+    assert "other.ckpt: does not fit the model of the config" in str(err.value)
 
 
 def test_explain_image_file_with_placeholder_targets(tmp_path, capsys):

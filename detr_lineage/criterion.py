@@ -139,9 +139,17 @@ class SetCriterion(nn.Module):
         )
 
     # -- every output of a network ---------------------------------------------------------
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """All weighted terms and their sum ``loss`` for a network's ``outputs``."""
-        num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
+    def forward(
+        self, outputs: dict, targets: list[dict], across_processes: bool = True
+    ) -> dict[str, Tensor]:
+        """All weighted terms and their sum ``loss`` for a network's ``outputs``.
+
+        ``across_processes=False`` normalises by this process's own box count (evaluation,
+        where processes may run different numbers of batches and must not communicate)."""
+        if across_processes:
+            num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
+        else:
+            num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
         losses: dict[str, Tensor] = {}
 
         def add(terms: dict[str, Tensor], prefix: str = "", suffix: str = "") -> None:

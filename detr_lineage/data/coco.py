@@ -52,7 +52,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detr_lineage.data.collate import DetectionLoader, collate_detection
+from detr_lineage.data.collate import DetectionLoader, collate_detection, evaluation_sampler
 from detr_lineage.data.transforms import (
     DETR_CROP_RESIZE,
     DETR_CROP_SIZE,
@@ -728,6 +728,7 @@ class CocoDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=train,
+            sampler=None if train else evaluation_sampler(dataset),
             # The official loaders drop the last partial batch; a tiny `limit` set keeps it.
             drop_last=train and len(dataset) >= batch_size,
             num_workers=self.num_workers,

@@ -12,10 +12,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-__all__ = ["DetectionLoader", "collate_detection", "pack_targets", "unpack_targets"]
+__all__ = [
+    "DetectionLoader",
+    "collate_detection",
+    "evaluation_sampler",
+    "pack_targets",
+    "unpack_targets",
+]
 
 PACKED = "__packed_targets__"
 
@@ -110,6 +117,18 @@ class PackingCollate:
         if get_worker_info() is not None:
             batch["targets"] = pack_targets(batch["targets"])
         return batch
+
+
+def evaluation_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """Under DDP, each process evaluates its own images and none twice: Lightning's default
+    ``DistributedSampler`` repeats images to even out the split, and a repeated image would be
+    counted twice in mAP and in ``val/loss``. Processes may then run one batch more than others
+    (nothing in an evaluation step communicates). None when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class DetectionLoader(DataLoader):

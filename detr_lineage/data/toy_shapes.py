@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from detr_lineage.data.collate import DetectionLoader, collate_detection
+from detr_lineage.data.collate import DetectionLoader, collate_detection, evaluation_sampler
 
 __all__ = [
     "CLASS_NAMES",
@@ -575,6 +575,7 @@ class ToyShapesDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else evaluation_sampler(dataset),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

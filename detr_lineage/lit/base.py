@@ -98,6 +98,17 @@ def check_targets(targets: list[dict], num_classes: int) -> None:
     )
 
 
+def gather_unique(items: list[dict]) -> list[dict]:
+    """Every process's per-image entries (dicts with ``image_id``), each image once, in image-id
+    order, on every process: what one process evaluating all images would have."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, items)
+        items = [item for part in gathered for item in part]
+    unique = {item["image_id"]: item for item in items}  # a repeated image counts once
+    return [unique[i] for i in sorted(unique)]
+
+
 class DetectionModule(L.LightningModule):
     """Shared steps; subclasses set ``net``, ``criterion``, ``postprocess``.
 
@@ -130,7 +141,14 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         check_sizes(dict(self.hparams))
         self.num_classes = num_classes
-        self.map_metric = MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")
+        # Synced by ``gather_unique`` (each image once), not by torchmetrics (which needs as
+        # many images on every process and would count a sampler's repeated image twice).
+        self.map_metric = MeanAveragePrecision(
+            box_format="xyxy", backend="faster_coco_eval", sync_on_compute=False
+        )
+        self._eval_images: list[dict] = []  # toy data: detections and ground truth per image
+        self._eval_losses: dict[str, float] = {}  # loss term -> sum over images (this process)
+        self._eval_losses_images = 0
         self.near_miss = NearMissCounter()  # val|test/near_miss, /duplicates (metrics.py)
         self._coco_detections: list[dict] = []
         self._t0: float | None = None
@@ -162,19 +180,39 @@ class DetectionModule(L.LightningModule):
         targets = batch["targets"]
         check_targets(targets, self.num_classes)
         outputs = self.net(batch["images"], batch["masks"], targets if stage == "train" else None)
-        losses = self.criterion(outputs, targets)
+        losses = self.criterion(outputs, targets, across_processes=stage == "train")
         if not torch.isfinite(losses["loss"]):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             raise FloatingPointError(
                 f"non-finite {stage} loss at step {self.global_step} in {bad}; the last "
                 "checkpoint is intact: lower the lr, or check the data"
             )
-        bs, on_step = len(targets), stage == "train"
-        log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": bs}
-        self.log(f"{stage}/loss", losses["loss"].detach(), prog_bar=True, **log)
-        terms = {f"{stage}/{k}": v.detach() for k, v in losses.items() if k != "loss"}
+        if stage != "train":  # logged at epoch end, over every process's images
+            bs = len(targets)
+            for k, v in losses.items():
+                total = self._eval_losses.get(k, 0.0)
+                self._eval_losses[k] = total + float(v.detach()) * bs
+            self._eval_losses_images += bs
+            return outputs, losses
+        log = {"on_step": True, "on_epoch": False, "batch_size": len(targets)}
+        self.log("train/loss", losses["loss"].detach(), prog_bar=True, **log)
+        terms = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
         self.log_dict(terms, **log)
         return outputs, losses
+
+    def _log_eval_losses(self, stage: str) -> None:
+        """``<stage>/loss*``: the mean over every image of every process, each batch's loss
+        weighted by its number of images (Lightning's own sync of a mean divides integer image
+        counts, wrong when processes ran different numbers of batches)."""
+        sums, images = self._eval_losses, self._eval_losses_images
+        self._eval_losses, self._eval_losses_images = {}, 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (sums, images))
+            sums = {k: sum(part[0].get(k, 0.0) for part in gathered) for k in gathered[0][0]}
+            images = sum(part[1] for part in gathered)
+        for k, total in sums.items():
+            self.log(f"{stage}/{k}", total / max(images, 1), prog_bar=k == "loss", sync_dist=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self._t0 is None:
@@ -208,7 +246,10 @@ class DetectionModule(L.LightningModule):
         gts = self.ground_truth(batch["targets"])
         self.near_miss.update(dets, gts)
         if self.coco_datamodule() is None:
-            self.map_metric.update(dets, gts)
+            for d, g, t in zip(dets, gts, batch["targets"]):
+                cpu = {k: v.cpu() for k, v in d.items()}
+                gt = {k: v.cpu() for k, v in g.items()}
+                self._eval_images.append({"image_id": int(t["image_id"]), "det": cpu, "gt": gt})
             return
         for d, t in zip(dets, batch["targets"]):
             self._coco_detections.append(
@@ -224,8 +265,11 @@ class DetectionModule(L.LightningModule):
     def _log_map(self, stage: str) -> None:
         """COCO numbers of the epoch: the official evaluator on COCO-format data (original ids,
         crowd regions respected), torchmetrics' (same algorithm) on toy data."""
+        self._log_eval_losses(stage)
         dm = self.coco_datamodule()
         if dm is None:
+            images, self._eval_images = gather_unique(self._eval_images), []
+            self.map_metric.update([i["det"] for i in images], [i["gt"] for i in images])
             result = self.map_metric.compute()
             self.map_metric.reset()
             values = {k: float(result[k]) for k in MAP_KEYS}
@@ -238,11 +282,7 @@ class DetectionModule(L.LightningModule):
     def _coco_evaluate(self, dm, stage: str) -> dict[str, float]:
         from ..data.coco_eval import evaluate_coco, to_coco_results, write_coco_results
 
-        detections, self._coco_detections = self._coco_detections, []
-        if dist.is_available() and dist.is_initialized():
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, detections)
-            detections = [d for part in gathered for d in part]
+        detections, self._coco_detections = gather_unique(self._coco_detections), []
         results = to_coco_results(detections, dm.label_to_category_id)
         image_ids = sorted({d["image_id"] for d in detections})
         stats = evaluate_coco(dm.coco_gt(stage), results, image_ids=image_ids)

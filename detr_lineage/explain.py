@@ -936,13 +936,15 @@ def build_model(config: dict, ckpt_path: str | None = None) -> nn.Module:
         state = torch.load(file, map_location="cpu", weights_only=False)
         if "state_dict" not in state:
             raise ValueError(f"{file}: not a Lightning checkpoint (no 'state_dict')")
-        missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
-        bad = [k for k in missing + unexpected if not k.startswith("map_metric")]
-        if bad:
+        weights, own = state["state_dict"], model.state_dict()
+        differ = [k for k in own.keys() ^ weights.keys() if not k.startswith("map_metric")]
+        differ += [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
+        if differ:
             raise ValueError(
-                f"{file}: does not fit the model of the config ({len(bad)} keys differ, "
-                f"e.g. {bad[:3]})"
+                f"{file}: does not fit the model of the config ({len(differ)} keys differ in "
+                f"name or shape, e.g. {sorted(differ)[:3]})"
             )
+        model.load_state_dict(weights, strict=False)
     return model.eval()
 
 

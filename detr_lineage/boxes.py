@@ -47,6 +47,7 @@ def paired_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x) with x clamped to [eps, 1 - eps] so refined boxes never reach +-inf."""
-    x = x.clamp(min=eps, max=1 - eps)
-    return torch.log(x / (1 - x))
+    """logit(x), finite: ``log(max(x, eps) / max(1 - x, eps))`` on x clamped to [0, 1], the
+    official DETR-family formula (at x = 1 it gives log(1 / eps), not log((1 - eps) / eps))."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

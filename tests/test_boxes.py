@@ -96,7 +96,7 @@ def test_paired_giou_empty():
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
 def test_inverse_sigmoid_inverts_sigmoid_away_from_clamp(dtype, atol):
-    # eps = 1e-5 clamps logits to +-log((1 - 1e-5) / 1e-5) = +-11.5; stay well inside.
+    # eps = 1e-5 clamps logits to +-log(1 / 1e-5) = +-11.5; stay well inside.
     z = torch.linspace(-8, 8, 161, dtype=dtype)
     torch.testing.assert_close(inverse_sigmoid(z.sigmoid()), z, rtol=0, atol=atol)
     x = torch.linspace(0.01, 0.99, 99, dtype=dtype)
@@ -104,7 +104,10 @@ def test_inverse_sigmoid_inverts_sigmoid_away_from_clamp(dtype, atol):
 
 
 def test_inverse_sigmoid_clamps_to_finite():
-    edge = math.log((1 - 1e-5) / 1e-5)
-    out = inverse_sigmoid(torch.tensor([0.0, 1.0, -0.5, 2.0], dtype=torch.float64))
-    expected = torch.tensor([-edge, edge, -edge, edge], dtype=torch.float64)
+    # the official formula: log(max(x, eps) / max(1 - x, eps)) on x clamped to [0, 1]
+    edge = math.log(1 / 1e-5)
+    near = math.log((1 - 1e-6) / 1e-5)  # only the denominator is clamped
+    x = torch.tensor([0.0, 1.0, -0.5, 2.0, 1 - 1e-6], dtype=torch.float64)
+    out = inverse_sigmoid(x)
+    expected = torch.tensor([-edge, edge, -edge, edge, near], dtype=torch.float64)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)

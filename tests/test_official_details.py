@@ -82,3 +82,24 @@ def test_rtdetrv2_m_star_has_no_weight_decay_on_encoder_decoder_biases() -> None
     assert not any(n.endswith(".bias") and not n.startswith("backbone.") for n in m_star)
     assert any(n.endswith(".bias") for n in s)
     assert "decoder.layers.0.ffn.linear1.weight" in m_star  # weights still decay
+
+
+def test_rtdetrv2_decoder_ffn_and_query_pos_head_use_xavier_init() -> None:
+    """Official RT-DETRv2: xavier-uniform decoder FFN and query_pos_head weights. Their bound
+    sqrt(6 / (fan_in + fan_out)) differs from PyTorch's default 1 / sqrt(fan_in)."""
+    import math
+
+    from detr_lineage.models.rtdetr_v2 import RTDETRv2Net
+
+    torch.manual_seed(0)
+    backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8])
+    net = RTDETRv2Net(3, backbone, hidden_dim=64, encoder_dim=64, num_decoder_layers=2,
+                      dim_feedforward=1024, num_queries=10)  # fmt: skip
+    linears = [net.decoder.query_pos_head.mlp.layers[0], net.decoder.query_pos_head.mlp.layers[1]]
+    for layer in net.decoder.layers:
+        linears += [layer.ffn.linear1, layer.ffn.linear2]
+    for linear in linears:
+        fan_out, fan_in = linear.weight.shape
+        xavier = math.sqrt(6 / (fan_in + fan_out))
+        w = linear.weight.abs().max().item()
+        assert 0.9 * xavier < w <= xavier, (tuple(linear.weight.shape), w, xavier)

@@ -158,6 +158,11 @@ class RTDETRv2Net(nn.Module):
         nn.init.xavier_uniform_(self.enc_output[0].weight)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)
+        for linear in self.decoder.query_pos_head.mlp.layers:
+            nn.init.xavier_uniform_(linear.weight)
+        for layer in self.decoder.layers:  # the official decoder layer's FFN init
+            nn.init.xavier_uniform_(layer.ffn.linear1.weight)
+            nn.init.xavier_uniform_(layer.ffn.linear2.weight)
 
     def memory(self, images: Tensor) -> Memory:
         """Backbone + hybrid encoder -> flattened multi-scale memory ``[B,S,d]``."""

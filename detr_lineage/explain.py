@@ -264,7 +264,7 @@ def _aifi(call: Call, trace: Trace) -> list[tuple[str, str]]:
     n = len(call.module.layers)
     return [
         (
-            f"flatten {_hw(x)} -> {n} layer(s) -> reshape",
+            f"AIFI: flatten {_hw(x)} -> {n} layer(s) -> reshape",
             f"{shape(x, sym)} -> {shape(tokens, sym)} -> {shape(call.output, sym)}",
         )
     ]
@@ -827,11 +827,15 @@ def overview(trace: Trace) -> list[tuple[str, str]]:
     out = []
     for sec in sections(trace):
         keys = [text for name, text in sec.lines if name.strip().startswith(HANDS_ON)]
-        out.append((sec.title, (keys or [sec.lines[-1][1]])[0].split(" -> ")[-1]))
+        last_name = sec.lines[-1][0]
+        # several levels side by side (backbone maps, per-level projections): all of them
+        levels = [t for n, t in sec.lines if "(stride" in n or n == last_name]
+        shapes = [keys[0]] if keys else levels
+        out.append((sec.title, ", ".join(t.split(" -> ")[-1] for t in shapes)))
     return out
 
 
-HANDS_ON = ("memory", "decoder input", "FFN", "pred_logits")
+HANDS_ON = ("AIFI", "memory", "decoder input", "FFN", "pred_logits")
 """Lines whose shape is what a section hands on (else its last line's)."""
 
 

@@ -18,6 +18,7 @@ from detr_lineage.explain import (
     trace_forward,
     variant_of,
 )
+from detr_lineage.explain import overview as explain_overview
 
 TOY = {
     "detr": "experiments/toy/detr.yaml",
@@ -311,3 +312,16 @@ def test_explain_cli_figures_after_a_denoising_trace(tmp_path, capsys):
     for name in ("query_selection", "sampling_points", "box_refinement"):
         assert f"wrote {tmp_path / name}.png" in out
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_overview_is_what_each_stage_hands_on():
+    model = build_model(load_config([TOY["rtdetr_v2"]]))
+    image, target = toy_image(64)
+    trace = trace_forward(model.net, image, [target], denoising=True)
+    d = dn_queries(len(target["labels"]), 30)
+    stages = dict(explain_overview(trace))
+    assert stages["Backbone"] == "(B, 64, 16, 16), (B, 128, 8, 8), (B, 128, 4, 4)"
+    assert stages["Hybrid encoder: AIFI (self-attention on the coarsest level)"] == "(B, 128, 4, 4)"
+    assert stages["Flatten + concat levels, query selection"] == "(B, 336, 128)"
+    assert stages["Decoder input"] == stages["Decoder layer 2"] == f"(B, 20+{d}, 128)"
+    assert stages["Outputs"] == "(B, 20, 6)"

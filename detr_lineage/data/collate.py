@@ -14,10 +14,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    get_worker_info,
+)
 
 __all__ = [
     "DetectionLoader",
+    "EpochShuffleSampler",
     "collate_detection",
     "evaluation_sampler",
     "pack_targets",
@@ -131,19 +138,71 @@ def evaluation_sampler(dataset: Dataset) -> DistributedSampler | None:
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
+class EpochShuffleSampler(RandomSampler):
+    """Random order fixed by ``(seed, epoch)`` (Lightning calls ``set_epoch``), so a resumed
+    run sees the same order; ``start`` skips the first indices of the next pass only."""
+
+    def __init__(self, data_source: Any, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(torch.initial_seed() if seed is None else seed) % 2**63
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        start, self.start = self.start, 0
+        yield from order[start:]
+
+
 class DetectionLoader(DataLoader):
     """A ``DataLoader`` whose workers send targets packed and whose batches arrive unpacked:
-    what it yields is exactly ``collate_fn``'s batch (the data contract), only faster."""
+    what it yields is exactly ``collate_fn``'s batch (the data contract), only faster.
+
+    Resumable (Lightning's ``state_dict`` / ``load_state_dict``): ``shuffle=True`` draws the
+    order from ``EpochShuffleSampler``, and a run resumed mid-epoch continues with the batches
+    the interrupted one had not trained on (none repeated, none missed).
+    """
 
     def __init__(self, dataset: Any, *args: Any, collate_fn: Callable | None = None, **kw: Any):
         collate = collate_fn or collate_detection
         if not isinstance(collate, PackingCollate):
             collate = PackingCollate(collate)
+        if kw.get("shuffle") and kw.get("sampler") is None and kw.get("batch_sampler") is None:
+            kw["shuffle"], kw["sampler"] = None, EpochShuffleSampler(dataset)
+            # workers' seeds from (seed, epoch) too, not from the global random state
+            kw.setdefault("generator", torch.Generator())
         super().__init__(dataset, *args, collate_fn=collate, **kw)
+        self._yielded = 0  # batches of the current pass handed out
+        self._skip = 0  # batches to leave out of the next pass (restored from a checkpoint)
+
+    def state_dict(self) -> dict[str, int]:
+        state = {"batches": self._yielded}
+        if isinstance(self.sampler, EpochShuffleSampler):
+            state["seed"] = self.sampler.seed
+        return state
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochShuffleSampler) and "seed" in state:
+            self.sampler.seed = int(state["seed"])
+        batches = int(state.get("batches", 0))
+        self._skip = batches if batches < len(self) else 0  # a finished pass: start anew
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        if isinstance(self.sampler, EpochShuffleSampler) and self.generator is not None:
+            self.generator.manual_seed((self.sampler.seed + self.sampler.epoch + 1) % 2**63)
+        if skip and isinstance(self.sampler, EpochShuffleSampler) and self.batch_size:
+            self.sampler.start, skip = skip * self.batch_size, 0  # skip indices, not images
         for batch in super().__iter__():
+            if skip:  # another sampler (e.g. DDP's): drop the batches already trained on
+                skip -= 1
+                continue
             targets = batch.get("targets") if isinstance(batch, dict) else None
             if isinstance(targets, dict) and PACKED in targets:
                 batch["targets"] = unpack_targets(targets)
+            self._yielded += 1
             yield batch

@@ -8,11 +8,13 @@ optimiser groups, schedule, mAP and the logged names live here, once.
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -315,9 +317,18 @@ class DetectionModule(L.LightningModule):
         for key in ("label_to_category_id", "class_names"):
             if getattr(dm, key, None) is not None:
                 checkpoint[key] = list(getattr(dm, key))  # write results back in dataset ids
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._elapsed_before = float(checkpoint.get("wall_time_s", 0.0))
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """A resumed run draws the random numbers (denoising noise, ...) the interrupted one
+        would have drawn next: restored here, after the data loader has been set up."""
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # -- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
@@ -371,6 +382,23 @@ class DetectionModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def rng_states() -> dict:
+    """The CPU random states (torch, numpy, python) as tensors and ints (``weights_only``-safe)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global one)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    random.setstate(states["python"])
 
 
 class WarmupStepSchedule:

@@ -103,3 +103,43 @@ def test_rtdetrv2_decoder_ffn_and_query_pos_head_use_xavier_init() -> None:
         xavier = math.sqrt(6 / (fan_in + fan_out))
         w = linear.weight.abs().max().item()
         assert 0.9 * xavier < w <= xavier, (tuple(linear.weight.shape), w, xavier)
+
+
+def test_rtdetrv2_multiscale_batches_as_the_official_collate() -> None:
+    """Official M*/M/L/X: each training batch resized (nearest) to a random square size from
+    480..800 until stop_epoch; S: off. Evaluation batches are never resized."""
+    import types
+
+    import torch.nn.functional as F
+
+    from detr_lineage.data.coco import CocoDataModule
+
+    from .test_configs import _coco
+
+    scales = [480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800]
+    for name, want in [("rtdetrv2_r18", None), ("rtdetrv2_r34", scales), ("rtdetrv2_r50", scales),
+                       ("rtdetrv2_r101", scales)]:  # fmt: skip
+        (_, data, _), _ = _coco(name)
+        assert data.rtdetr_multiscale == want, name
+
+    dm = CocoDataModule("unused", recipe="rtdetr", rtdetr_multiscale=[8, 12], rtdetr_stop_epoch=2)
+    images = torch.rand(2, 3, 10, 10)
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+              "size": torch.tensor([10, 10])}  # fmt: skip
+    batch = {"images": images, "masks": torch.zeros(2, 10, 10, dtype=torch.bool),
+             "targets": [target, target]}  # fmt: skip
+    dm.trainer = types.SimpleNamespace(training=True, current_epoch=0)
+    sides = set()
+    for _ in range(20):
+        out = dm.on_after_batch_transfer(batch, 0)
+        side = out["images"].shape[-1]
+        sides.add(side)
+        torch.testing.assert_close(out["images"], F.interpolate(images, size=(side, side)))
+        assert out["masks"].shape == (2, side, side) and not out["masks"].any()
+        assert out["targets"][0]["size"].tolist() == [side, side]
+        assert torch.equal(out["targets"][0]["boxes"], target["boxes"])
+    assert sides == {8, 12}
+    dm.trainer = types.SimpleNamespace(training=True, current_epoch=2)  # stop_epoch reached
+    assert dm.on_after_batch_transfer(batch, 0)["images"] is images
+    dm.trainer = types.SimpleNamespace(training=False, current_epoch=0)  # evaluation
+    assert dm.on_after_batch_transfer(batch, 0)["images"] is images

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import random
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -425,6 +427,15 @@ class CocoDetection(Dataset[tuple[Tensor, Target]]):
         return torch.from_numpy(chw).float().div_(255.0), target
 
 
+def resize_batch(batch: dict[str, Any], side: int) -> dict[str, Any]:
+    """A collated batch resized to ``side x side`` (nearest); normalised boxes are unchanged."""
+    images = F.interpolate(batch["images"], size=(side, side))
+    masks = F.interpolate(batch["masks"][:, None].float(), size=(side, side))[:, 0].bool()
+    size = torch.tensor([side, side])
+    targets = [{**t, "size": size} if "size" in t else t for t in batch["targets"]]
+    return {**batch, "images": images, "masks": masks, "targets": targets}
+
+
 class DatasetEpochCallback(L.Callback):
     """Tell the data module the epoch at the start of each training epoch (before the workers
     fetch the epoch's first batch), for epoch-dependent augmentation such as RT-DETRv2's
@@ -458,7 +469,11 @@ class CocoDataModule(L.LightningDataModule):
         rtdetr_size: square input size of the RT-DETRv2 recipe.
         rtdetr_stop_epoch: from this (0-based) epoch on, photometric distortion, zoom-out and
             IoU crop are off (official configs: 71 of 72 epochs, 117 of 120 for S/M*);
-            None keeps them on throughout.
+            None keeps them on throughout. Also ends ``rtdetr_multiscale``.
+        rtdetr_multiscale: RT-DETRv2's batch-level multi-scale training (official M*/M/L/X:
+            480-800 in steps of 32, 640 three times; S: off): each training batch is resized
+            (nearest, as the official collate) to a square side drawn from this list, until
+            ``rtdetr_stop_epoch``. Boxes are normalised, so they stay as they are.
         seed: seed of the augmentation random streams (workers derive theirs from torch's).
     """
 
@@ -487,6 +502,7 @@ class CocoDataModule(L.LightningDataModule):
         detr_val_size: int = DETR_VAL_SIZE,
         rtdetr_size: int = RTDETR_SIZE,
         rtdetr_stop_epoch: int | None = None,
+        rtdetr_multiscale: list[int] | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -508,6 +524,9 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.rtdetr_stop_epoch = rtdetr_stop_epoch
+        if rtdetr_multiscale is not None and (not rtdetr_multiscale or min(rtdetr_multiscale) < 1):
+            raise ValueError(f"rtdetr_multiscale must be positive sizes, got {rtdetr_multiscale}")
+        self.rtdetr_multiscale = list(rtdetr_multiscale) if rtdetr_multiscale else None
         self.split_files: dict[str, tuple[Path, Path] | None] = {
             "train": (self.root / train_annotations, self.root / train_images)
             if train_annotations
@@ -712,6 +731,16 @@ class CocoDataModule(L.LightningDataModule):
                 "epoch %d: stop_epoch reached, photometric distort / zoom-out / IoU crop are off",
                 epoch,
             )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """RT-DETRv2's multi-scale training: resize the whole training batch (see the args)."""
+        trainer = self.trainer
+        if not self.rtdetr_multiscale or trainer is None or not trainer.training:
+            return batch
+        if self.rtdetr_stop_epoch is not None and trainer.current_epoch >= self.rtdetr_stop_epoch:
+            return batch
+        side = random.choice(self.rtdetr_multiscale)
+        return resize_batch(batch, side)
 
     # -------------------------------------------------------------------------- dataloaders
     def _dataset(self, split: str) -> CocoDetection:

@@ -61,16 +61,26 @@ def detections_of(rank: int, truth: dict) -> list[dict]:
     return dets
 
 
-def toy_updates(rank: int, truth: dict) -> list[tuple[dict, dict]]:
-    """(prediction, ground truth) per image; as many per rank (DistributedSampler pads the
-    ranks to equal counts: torchmetrics' sync needs it)."""
+def toy_images(rank: int, truth: dict) -> list[dict]:
+    """The module's per-image evaluation entries (toy data path); rank 1 also holds a repeat of
+    image 4 (a padding sampler repeats images), which must count once."""
     dets = detections_of(rank, truth)
     dets = dets + dets[:1] if rank == 1 else dets
     out = []
     for det in dets:
         gt = {"boxes": det["boxes"], "labels": (det["labels"] - rank) % 3}
-        out.append(({k: det[k] for k in ("boxes", "labels", "scores")}, gt))
+        pred = {k: det[k] for k in ("boxes", "labels", "scores")}
+        out.append({"image_id": det["image_id"], "det": pred, "gt": gt})
     return out
+
+
+def logged_map(module: DETR, images: list[dict]) -> float:
+    """``val/map`` as the module logs it at the end of a validation epoch."""
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    module._eval_images = images
+    module._log_map("val")
+    return logged["val/map"]
 
 
 def tiny_module() -> DETR:
@@ -96,9 +106,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         module = tiny_module()
         module._coco_detections = detections_of(rank, truth)
         out["coco"] = module._coco_evaluate(dm, "val")
-        for pred, gt in toy_updates(rank, truth):  # the torchmetrics path (toy data)
-            module.map_metric.update([pred], [gt])
-        out["toy_map"] = float(module.map_metric.compute()["map"])
+        out["toy_map"] = logged_map(tiny_module(), toy_images(rank, truth))
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
@@ -141,9 +149,6 @@ def test_coco_evaluation_gathers_every_process(two_ranks):
 
 def test_toy_map_is_synchronised_across_processes(two_ranks):
     _, truth, ranks = two_ranks
-    module = tiny_module()
-    for pred, gt in toy_updates(0, truth) + toy_updates(1, truth):
-        module.map_metric.update([pred], [gt])
-    single = float(module.map_metric.compute()["map"])
+    single = logged_map(tiny_module(), toy_images(0, truth) + toy_images(1, truth)[:2])
     assert 0.0 < single < 1.0
     assert [r["toy_map"] for r in ranks] == pytest.approx([single, single])

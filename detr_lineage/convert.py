@@ -396,25 +396,34 @@ def convert_state(
     return module, converted
 
 
-def save_checkpoint(module: torch.nn.Module, variant: str, out: str, note: str) -> None:
-    """A checkpoint ``load_detector`` / ``--ckpt_path`` / ``--run.init_weights`` understand."""
+def write_checkpoint(
+    module: torch.nn.Module, hparams: dict[str, Any], out: str | Path, note: str, **extra: Any
+) -> None:
+    """Weights + hyper-parameters as a Lightning checkpoint without training state: what
+    ``load_detector``, ``--ckpt_path`` (validate/test/predict) and ``--run.init_weights`` read."""
     import lightning
 
-    _, args = variant_config(variant)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {
         "state_dict": module.state_dict(),
-        "hyper_parameters": args,
+        "hyper_parameters": hparams,
         "model_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0,
         "global_step": 0,
         "converted_from": note,
+        **extra,
     }
-    if args["num_classes"] == 80:  # every supported variant is a COCO model
-        checkpoint["label_to_category_id"] = COCO_CATEGORY_IDS
-        checkpoint["class_names"] = COCO_NAMES_LIST
     torch.save(checkpoint, out)
+
+
+def save_checkpoint(module: torch.nn.Module, variant: str, out: str, note: str) -> None:
+    """The converted ``variant`` with its YAML's hyper-parameters and COCO's ids and names."""
+    _, args = variant_config(variant)
+    coco = {}
+    if args["num_classes"] == 80:  # every supported variant is a COCO model
+        coco = {"label_to_category_id": COCO_CATEGORY_IDS, "class_names": COCO_NAMES_LIST}
+    write_checkpoint(module, args, out, note, **coco)
 
 
 def main(argv: list[str] | None = None) -> None:

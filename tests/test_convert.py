@@ -311,3 +311,22 @@ def test_convert_is_a_subcommand(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         cli_main(["convert", "--help"])
     assert "--variant" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_converted_style_checkpoint_runs_detr_lineage_test(tmp_path: Path) -> None:
+    """What ``convert`` writes (state dict, hyper-parameters, no training state) is accepted by
+    ``detr-lineage test --ckpt_path`` (here: the toy RT-DETRv2 and its YAML)."""
+    from detr_lineage.cli import main as cli_main
+    from detr_lineage.convert import write_checkpoint
+
+    from .helpers import build, parse
+    from .test_cli import ROOT, TINY
+
+    config = ROOT / "experiments/toy/rtdetr_v2.yaml"
+    module, _, _ = build(*parse(config))
+    path = tmp_path / "converted.ckpt"
+    write_checkpoint(module, dict(module.hparams), path, "test")
+    cli_main(["test", "--config", str(config), *TINY, f"--ckpt_path={path}",
+              f"--run.dir={tmp_path}", "--run.wandb=false",
+              "--trainer.enable_progress_bar=false"])  # fmt: skip

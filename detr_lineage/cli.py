@@ -306,10 +306,9 @@ class DetrLineageCLI(LightningCLI):
         differences = checkpoint_mismatch(checkpoint.get("hyper_parameters") or {}, config.model)
         if differences:
             raise CheckpointMismatchError(
-                f"{ckpt_path} holds a different model than the config and command line:\n  "
-                + "\n  ".join(differences)
-                + "\nFix the config, or pass --model_from_checkpoint=true to use the "
-                "checkpoint's model (its values replace the config's)."
+                f"{ckpt_path} holds a different model than the config and command line (fix "
+                "the config, or pass --model_from_checkpoint=true to use the checkpoint's "
+                "model: its values replace the config's):\n  " + "\n  ".join(differences)
             )
 
     def instantiate_classes(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr_lineage.cli import main
 from detr_lineage.data.toy_to_coco import export_toy_to_coco
 from tests.test_cli import ROOT, read_csv
 
@@ -101,7 +102,7 @@ def test_ddp_fit_writes_one_run_directory(ddp_run):
 def test_ddp_validation_equals_one_process_on_toy_data(ddp_run):
     ckpt = ddp_run / "version_0" / "checkpoints" / "last.ckpt"
     common = [*TINY_DN, f"--run.dir={ddp_run.parent}", "--run.name=r", f"--ckpt_path={ckpt}"]
-    cli_run("validate", *common, cwd=ddp_run.parent)
+    main(["validate", *common])  # one process, in this one
     cli_run("validate", *common, *DDP, cwd=ddp_run.parent)
     one = val_row(ddp_run / "validate_0" / "metrics.csv")
     assert_same(one, val_row(ddp_run / "validate_1" / "metrics.csv"))
@@ -126,7 +127,7 @@ def test_ddp_validation_equals_one_process_on_coco_data(ddp_run, tmp_path):
     ckpt = ddp_run / "version_0" / "checkpoints" / "last.ckpt"
     args = [*TINY_DN[:2], "--config", str(data), *TINY_DN[7:]]  # the toy data options dropped
     common = [*args, f"--run.dir={tmp_path}", "--run.name=c", f"--ckpt_path={ckpt}"]
-    cli_run("validate", *common, cwd=tmp_path)
+    main(["validate", *common])
     cli_run("validate", *common, *DDP, cwd=tmp_path)
     one = val_row(tmp_path / "c" / "validate_0" / "metrics.csv")
     assert one["val/map_50"] >= 0.0  # evaluated (the COCO evaluator reports -1 without GT)
@@ -175,7 +176,9 @@ def test_gather_unique_counts_a_repeated_image_once(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank")
-    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), out), nprocs=2)
+    # fork: the children need no fresh interpreter (importing torchmetrics costs ~20 s each)
+    args = (str(tmp_path / "store"), out)
+    mp.start_processes(_gather_worker, args=args, nprocs=2, start_method="fork")
     one = _map([_image(i) for i in range(NUM_VAL)])
     for rank in (0, 1):
         ids, unique, naive = Path(f"{out}{rank}").read_text().split(";")

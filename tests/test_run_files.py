@@ -111,7 +111,8 @@ def test_checkpoint_of_another_variant_is_refused(trained):
         "variant: detr_lineage.lit.DETR in the checkpoint, detr_lineage.lit.RTDETRv2 in the config"
         in message
     )
-    assert "--model_from_checkpoint=true" in message.splitlines()[-1]
+    assert "--model_from_checkpoint=true" in message.splitlines()[0]
+    assert message.splitlines()[-1].startswith("  variant: ")  # the cause is the last line
     assert files_of(trained) == before
 
 

@@ -104,6 +104,7 @@ def test_ddp_validation_equals_one_process_on_toy_data(ddp_run):
     common = [*TINY_DN, f"--run.dir={ddp_run.parent}", "--run.name=r", f"--ckpt_path={ckpt}"]
     main(["validate", *common])  # one process, in this one
     cli_run("validate", *common, *DDP, cwd=ddp_run.parent)
+    assert sorted(p.name for p in ddp_run.iterdir()) == ["validate_0", "validate_1", "version_0"]
     one = val_row(ddp_run / "validate_0" / "metrics.csv")
     assert_same(one, val_row(ddp_run / "validate_1" / "metrics.csv"))
     # The DDP fit's own validation at step 2 saw the same weights (last.ckpt) and images.

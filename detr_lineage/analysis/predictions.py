@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.patches import Rectangle
 
 from .runs import find_run_dirs, group_runs, load_runs
@@ -157,11 +157,15 @@ def plot_query_specialization(
     small: float = 0.2,
     title: str = "",
     columns: int = 5,
-) -> Figure:
-    """One panel per query slot: centres of its boxes over all images (DETR paper, fig. 7)."""
+    fig: Figure | SubFigure | None = None,
+) -> Figure | SubFigure:
+    """One panel per query slot: centres of its boxes over all images (DETR paper, fig. 7).
+
+    Draws into ``fig`` when given (e.g. a subfigure of ``plot_specialization_grid``)."""
     slots = min(num_slots, boxes.shape[1])
     rows = -(-slots // columns)
-    fig = Figure(figsize=(1.9 * columns, 1.9 * rows + 0.6), layout="constrained")
+    if fig is None:
+        fig = Figure(figsize=(1.9 * columns, 1.9 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -182,3 +186,40 @@ def plot_query_specialization(
         f"{title}\nbox centres per query slot over {len(boxes)} images; {note}", fontsize=9
     )
     return fig
+
+
+def plot_specialization_grid(
+    panels: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]],
+    num_slots: int = 20,
+    columns: int = 5,
+    title: str = "",
+) -> Figure:
+    """``(row, column) -> (boxes, scores)``: one query-specialisation figure per cell, e.g. rows
+    = training stage (early, end) and columns = denoising (on, off), titled ``row, column``."""
+    rows = list(dict.fromkeys(r for r, _ in panels))
+    cols = list(dict.fromkeys(c for _, c in panels))
+    slots = min(num_slots, max(b.shape[1] for b, _ in panels.values()))
+    height = 1.5 * -(-slots // columns) + 0.7
+    fig = Figure(figsize=(1.5 * columns * len(cols), height * len(rows)), layout="constrained")
+    cells = fig.subfigures(len(rows), len(cols), squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if (r, c) in panels:
+                boxes, scores = panels[(r, c)]
+                plot_query_specialization(
+                    boxes, scores, num_slots, title=f"{r}, {c}", columns=columns, fig=cells[i][j]
+                )
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def snapshot_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> ``checkpoints/step_<step>.ckpt`` kept by ``SnapshotCheckpoint`` (may be empty)."""
+    version = find_run_dirs(run_dir)[0]
+    found = {}
+    for path in (Path(version) / "checkpoints").glob("step_*.ckpt"):
+        step = path.stem.removeprefix("step_")
+        if step.isdigit():
+            found[int(step)] = path
+    return dict(sorted(found.items()))

@@ -38,6 +38,28 @@ class ResumeCheckpoint(L.Callback):
             os.replace(tmp, directory / RESUME_NAME)
 
 
+class SnapshotCheckpoint(L.Callback):
+    """Keep ``<log_dir>/checkpoints/step_<n>.ckpt`` after each of ``steps`` optimiser steps
+    (the early-step model of the query-specialisation notebook)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        if any(s < 1 for s in steps):
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = set(steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps or not trainer.loggers:
+            return
+        path = Path(trainer.loggers[0].log_dir) / "checkpoints" / snapshot_name(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(path)
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{step}.ckpt"
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     """Optimiser steps done in a checkpoint, or None if it cannot be read (e.g. truncated)."""
     for mmap in (True, False):  # mmap: only the small loop state is read from disk

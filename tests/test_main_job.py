@@ -34,6 +34,8 @@ def test_main_job_grid_is_three_variants_with_denoising_on_and_off():
     assert sorted(r.group for r in runs) == sorted(
         f"{v}-dn_{dn}" for v in ("detr", "dn_detr", "rtdetr_v2") for dn in ("on", "off")
     )
+    snapshot = [a for a in runs[0].command("out") if "SnapshotCheckpoint" in a]
+    assert snapshot and '"steps": [200]' in snapshot[0]  # the notebook's early model
 
 
 @pytest.mark.slow

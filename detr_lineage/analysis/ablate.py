@@ -9,6 +9,8 @@ Re-running the same command continues the ablation: a run with a ``DONE`` marker
 a successful exit) is skipped; a run without one resumes (``--ckpt_path``) from its newest
 readable checkpoint (``ResumeCheckpoint`` saves one every ``checkpoint_every_n_steps``), its
 ``metrics.csv`` continuing; a run that died before its first checkpoint starts over.
+``snapshot_steps: [n, ...]`` keeps ``checkpoints/step_<n>.ckpt`` of every run
+(``SnapshotCheckpoint``; the query-specialisation notebook's early model).
 Seeds are the outer loop, so an ablation stopped half-way has every configuration once.
 
 Works from any directory: a relative config path in a spec (``config``,
@@ -38,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .resume import ResumeCheckpoint, latest_checkpoint
+from .resume import ResumeCheckpoint, SnapshotCheckpoint, latest_checkpoint
 from .summary import format_duration
 
 DONE_FILE = "DONE"
@@ -53,6 +55,7 @@ SPEC_KEYS = {
     "exclude",
     "overrides",
     "checkpoint_every_n_steps",
+    "snapshot_steps",
     "compare",
 }
 VARIANT_KEYS = {"config", "denoising", "overrides", "optional"}
@@ -130,6 +133,7 @@ class Spec:
     checkpoint_every_n_steps: int | None
     compare: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    snapshot_steps: list[int] = field(default_factory=list)  # keep checkpoints/step_<n>.ckpt
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding experiments/
@@ -215,6 +219,7 @@ def parse_spec(
         checkpoint_every_n_steps=int(every) if every else None,
         compare=dict(raw.get("compare") or {}),
         notes=notes,
+        snapshot_steps=[int(s) for s in raw.get("snapshot_steps") or []],
     )
 
 
@@ -251,6 +256,7 @@ class PlannedRun:
     configs: list[str]
     overrides: list[tuple[str, Any]]
     tags: list[str]
+    snapshot_steps: list[int] = field(default_factory=list)
 
     def axes(self) -> dict[str, str]:
         """Every coordinate, as ``--only`` and ``exclude`` match them."""
@@ -297,6 +303,12 @@ class PlannedRun:
                 "init_args": {"every_n_steps": checkpoint_every_n_steps},
             }
             cmd.append(f"--trainer.callbacks+={json.dumps(callback)}")
+        if self.snapshot_steps:
+            callback = {
+                "class_path": f"{SnapshotCheckpoint.__module__}.{SnapshotCheckpoint.__name__}",
+                "init_args": {"steps": list(self.snapshot_steps)},
+            }
+            cmd.append(f"--trainer.callbacks+={json.dumps(callback)}")
         if ckpt_path is not None:
             cmd += ["--ckpt_path", str(ckpt_path)]
         return cmd
@@ -333,6 +345,7 @@ def expand(spec: Spec) -> list[PlannedRun]:
                         configs=list(variant.configs),
                         overrides=[],
                         tags=[spec.name, variant.name, f"dn_{dn}", f"seed{seed}", *named],
+                        snapshot_steps=list(spec.snapshot_steps),
                     )
                     if any(_matches({**run.axes(), **labels}, e) for e in spec.exclude):
                         continue

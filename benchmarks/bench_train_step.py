@@ -36,7 +36,7 @@ def measure(config: str, denoising: bool, threads: int, steps: int, queue: mp.Qu
     torch.set_num_threads(threads)
     cfg = yaml.safe_load((ROOT / config).read_text())
     if not denoising:
-        cfg["model"]["init_args"]["denoising"] = None
+        cfg["model"]["init_args"]["net"]["denoising"] = None
     parser = ArgumentParser()
     parser.add_subclass_arguments(DetectionModule, "model")
     parser.add_argument("--data", type=dict)

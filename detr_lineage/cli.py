@@ -13,6 +13,7 @@ its launcher passes on) and only rank 0 logs to W&B.
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .lit import DetectionModule
+from .lit.base import nest_net_hparams
 
 
 @dataclass
@@ -236,7 +238,19 @@ def checkpoint_mismatch(hparams: dict, model_config) -> list[str]:
     given_class = config.get("class_path")
     if saved_class and given_class and saved_class != given_class:
         return [f"variant: {saved_class} in the checkpoint, {given_class} in the config"]
+    net_config = getattr(_import_class(saved_class or given_class), "net_config", None)
+    if net_config is not None and "net" not in hparams:  # saved before `net` existed
+        hparams = nest_net_hparams(hparams, net_config)
     return _differences(_plain(hparams), config.get("init_args") or {})
+
+
+def _import_class(class_path: str | None):
+    """``package.module.Class`` -> the class, or None."""
+    module_name, _, name = (class_path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name, None) if module_name else None
+    except ImportError:
+        return None
 
 
 _PARSER_NOISE = (

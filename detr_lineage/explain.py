@@ -1043,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         has_dn = getattr(net, "denoising", None) is not None
         if args.denoising == "on" and not has_dn:
             raise ValueError(
-                f"{', '.join(args.config)}: model.init_args.denoising is null (or the variant "
+                f"{', '.join(args.config)}: model.init_args.net.denoising is null (or the variant "
                 "has none), so there are no denoising queries to show; use --denoising off"
             )
         denoising = has_dn if args.denoising is None else args.denoising == "on"

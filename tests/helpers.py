@@ -7,7 +7,7 @@ device, for COCO sizes) and the data module, without a trainer.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import sys
 from pathlib import Path
 from unittest import mock
@@ -56,8 +56,8 @@ def model_class(config) -> type:
 
 
 def takes_denoising(config) -> bool:
-    """Whether ``no_denoising.yaml`` applies: the variant has a ``denoising`` argument."""
-    return "denoising" in inspect.signature(model_class(config).__init__).parameters
+    """Whether ``no_denoising.yaml`` applies: the variant's network has a ``denoising`` field."""
+    return "denoising" in {f.name for f in dataclasses.fields(model_class(config).net_config)}
 
 
 def build(parser, config, meta: bool = False):
@@ -80,3 +80,9 @@ def build(parser, config, meta: bool = False):
 
 def _no_metric(**kwargs):
     return None
+
+
+def make_module(cls: type[DetectionModule], num_classes: int, **flat) -> DetectionModule:
+    """``cls`` from one flat list of arguments: the network's go into ``net`` (its
+    ``cls.net_config``), the rest to the module, as for a checkpoint saved flat."""
+    return cls(**base.nest_net_hparams({"num_classes": num_classes, **flat}, cls.net_config))

@@ -44,7 +44,10 @@ def grid_spec(**extra) -> dict:
         "axes": {
             "preset": {
                 "easy": {"data.init_args.preset": "easy"},
-                "crowded": {"data.init_args.preset": "crowded", "model.init_args.num_queries": 40},
+                "crowded": {
+                    "data.init_args.preset": "crowded",
+                    "model.init_args.net.num_queries": 40,
+                },
             },
             "noise": {
                 "when": {"denoising": "on"},
@@ -52,7 +55,7 @@ def grid_spec(**extra) -> dict:
             },
         },
         "exclude": [{"variant": "detr", "preset": "crowded"}],
-        "overrides": {"trainer.max_steps": 10, "model.init_args.num_queries": 20},
+        "overrides": {"trainer.max_steps": 10, "model.init_args.net.num_queries": 20},
         **extra,
     }
 
@@ -81,7 +84,7 @@ def test_grid_names_groups_tags_configs_and_overrides():
     # later wins: spec overrides, then the axes'; the `when` axis only where denoising is on
     assert dict(on.overrides) == {
         "trainer.max_steps": 10,
-        "model.init_args.num_queries": 40,
+        "model.init_args.net.num_queries": 40,
         "data.init_args.preset": "crowded",
         "x.denoising.box_noise": 0.8,
     }
@@ -90,11 +93,11 @@ def test_grid_names_groups_tags_configs_and_overrides():
 
 def test_list_axis_labels_and_selection():
     spec = parse_spec({"variants": {"d": DETR}, "denoising": ["off"], "seeds": [3],
-                       "axes": {"model.init_args.num_queries": [10, 30]},
+                       "axes": {"model.init_args.net.num_queries": [10, 30]},
                        "denoising_off_config": OFF})  # fmt: skip
     runs = expand(spec)
     assert [r.name for r in runs] == ["d-dn_off-num_queries10-s3", "d-dn_off-num_queries30-s3"]
-    assert [r.name for r in select(runs, ["model.init_args.num_queries=num_queries30"])] == [
+    assert [r.name for r in select(runs, ["model.init_args.net.num_queries=num_queries30"])] == [
         "d-dn_off-num_queries30-s3"
     ]
     assert select(runs, ["seed=4"]) == []
@@ -104,7 +107,7 @@ def test_list_axis_labels_and_selection():
 
 def test_spec_errors_and_optional_variants(tmp_path):
     bad = grid_spec()
-    bad["axes"]["noise"] = {"bn8": {"model.init_args.denoising.box_noise": 0.8}}  # no `when`
+    bad["axes"]["noise"] = {"bn8": {"model.init_args.net.denoising.box_noise": 0.8}}  # no `when`
     with pytest.raises(ValueError, match="turn denoising back on"):
         expand(parse_spec(bad))
     with pytest.raises(ValueError, match="unknown spec keys"):
@@ -281,11 +284,11 @@ def test_killed_run_resumes_without_gap_or_repeat(tmp_path, monkeypatch, capsys)
                     "data.init_args.num_val": 8,
                     "data.init_args.batch_size": 4,
                     "data.init_args.num_workers": 0,
-                    "model.init_args.d_model": 32,
-                    "model.init_args.nhead": 4,
-                    "model.init_args.dim_feedforward": 64,
-                    "model.init_args.num_encoder_layers": 1,
-                    "model.init_args.num_decoder_layers": 2,
+                    "model.init_args.net.d_model": 32,
+                    "model.init_args.net.nhead": 4,
+                    "model.init_args.net.dim_feedforward": 64,
+                    "model.init_args.net.num_encoder_layers": 1,
+                    "model.init_args.net.num_decoder_layers": 2,
                 },
                 "checkpoint_every_n_steps": 4,
             }

@@ -123,7 +123,7 @@ def test_num_classes_smaller_than_data_is_named(tmp_path):
     res = cli(
         "fit",
         *cfg,
-        "--model.init_args.num_classes=3",
+        "--model.init_args.net.num_classes=3",
         "--trainer.max_steps=1",
         f"--run.dir={tmp_path}",
         cwd=tmp_path,

@@ -7,6 +7,7 @@ import pytest
 from detr_lineage.cli import ConfigError, config_error_cause, main
 from detr_lineage.lit import DETR, DNDETR, RTDETRv2
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 from tests.test_cli import ROOT, TINY
 
 TOY_DETR = ["--config", str(ROOT / "experiments/toy/detr.yaml")]
@@ -26,19 +27,19 @@ SMALL = dict(backbone=BackboneConfig(name="conv", channels=[8, 8, 8, 8], return_
 )
 def test_impossible_sizes_are_named_at_construction(cls, kwargs, message):
     with pytest.raises(ValueError) as error:
-        cls(num_classes=3, **SMALL, **kwargs)
+        make_module(cls, 3, **SMALL, **kwargs)
     assert str(error.value) == message
 
 
 @pytest.mark.parametrize("cls, width", [(DETR, "d_model"), (RTDETRv2, "hidden_dim")])
 def test_width_not_divisible_by_heads_is_named(cls, width):
     with pytest.raises(ValueError, match=f"^{width}=36 must be divisible by nhead=8$"):
-        cls(num_classes=3, **SMALL, **{width: 36}, nhead=8)
+        make_module(cls, 3, **SMALL, **{width: 36}, nhead=8)
 
 
 def test_constructor_error_is_the_last_line_of_the_cli(capsys):
     with pytest.raises(ConfigError) as error:
-        main(["fit", *TOY_DETR, *TINY, "--model.init_args.num_queries=0"])
+        main(["fit", *TOY_DETR, *TINY, "--model.init_args.net.num_queries=0"])
     assert str(error.value) == "num_queries must be >= 1, got 0"
 
 
@@ -46,8 +47,8 @@ def test_constructor_error_is_the_last_line_of_the_cli(capsys):
     "arg, last_line",
     [
         (
-            "--model.init_args.num_queries=abc",
-            "error: model > detr_lineage.lit.DETR > num_queries: "
+            "--model.init_args.net.num_queries=abc",
+            "error: model > detr_lineage.lit.DETR > net.num_queries: "
             "Expected a <class 'int'>. Got value: abc",
         ),
         (
@@ -74,12 +75,12 @@ def test_config_error_cause_of_a_plain_message():
 def test_num_classes_larger_than_the_data_stops_at_set_up(tmp_path):
     with pytest.raises(ValueError) as error:
         main(
-            ["fit", *TOY_DETR, *TINY, "--model.init_args.num_classes=8"]
+            ["fit", *TOY_DETR, *TINY, "--model.init_args.net.num_classes=8"]
             + [f"--run.dir={tmp_path}", "--run.name=r", "--trainer.enable_progress_bar=false"]
         )
     assert str(error.value) == (
-        "model.num_classes=8 but the data has 6 classes (labels are contiguous from 0): "
-        "pass --model.init_args.num_classes=6"
+        "model.net.num_classes=8 but the data has 6 classes (labels are contiguous from 0): "
+        "pass --model.init_args.net.num_classes=6"
     )
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped before any step
     assert not list(tmp_path.rglob("metrics.csv"))

@@ -36,15 +36,15 @@ def test_config_parses_and_builds(case):
         model, data, _ = build(parser, config)
     assert type(model).__name__ == config.model.class_path.rpartition(".")[2]
     assert type(data).__name__ == config.data.class_path.rpartition(".")[2]
-    assert model.num_classes == config.model.init_args.num_classes
+    assert model.num_classes == config.model.init_args.net.num_classes
     if takes_denoising(config):
         raw = yaml.safe_load(path.read_text())["model"]["init_args"]
-        assert (model.net.denoising is None) == (dn_off or raw.get("denoising") is None)
+        assert (model.net.denoising is None) == (dn_off or raw["net"].get("denoising") is None)
     if not coco:  # toy models are small: one forward on real tensors
         model.eval()
         size = config.data.init_args.image_size
         out = model(torch.rand(2, 3, size, size), torch.zeros(2, size, size, dtype=torch.bool))
-        assert out["pred_boxes"].shape[:2] == (2, config.model.init_args.num_queries)
+        assert out["pred_boxes"].shape[:2] == (2, config.model.init_args.net.num_queries)
 
 
 # -- ablation specs: the runner's own loader and planner, every planned command parsed --------
@@ -66,7 +66,7 @@ def test_ablation_spec_plans_valid_fit_commands(spec_path, tmp_path):
         assert config.seed_everything == run.seed
         assert config.run.name == run.name and config.run.group == run.group
         if takes_denoising(config):
-            assert (config.model.init_args.denoising is None) == (run.denoising == "off")
+            assert (config.model.init_args.net.denoising is None) == (run.denoising == "off")
         else:
             assert run.denoising == "off"
         for key, value in spec.overrides.items():
@@ -219,8 +219,8 @@ def test_coco_network_settings_are_official(name):
     (model, _, _), _ = _coco(name)
     hp = model.hparams
     for key, want in OFFICIAL_NET[name].items():
-        got = model.net.denoising if key == "denoising" else hp[key]
+        got = model.net.denoising if key == "denoising" else (hp.net if key in hp.net else hp)[key]
         if isinstance(want, dict):
             got = {k: got[k] if isinstance(got, dict) else getattr(got, k) for k in want}
         assert got == want, key
-    assert hp.num_classes == 80
+    assert hp.net["num_classes"] == 80  # the CLI saves net as a dict

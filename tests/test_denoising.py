@@ -22,9 +22,9 @@ from detr_lineage.denoising import (
     noise_boxes,
 )
 from detr_lineage.matcher import HungarianMatcher
-from detr_lineage.models.detr import DenoisingQueryPosition, DETRNet
-from detr_lineage.models.dn_detr import DNDETRNet
-from detr_lineage.models.rtdetr_v2 import RTDETRv2Net
+from detr_lineage.models.detr import DenoisingQueryPosition, DETRConfig, DETRNet
+from detr_lineage.models.dn_detr import DNDETRConfig, DNDETRNet
+from detr_lineage.models.rtdetr_v2 import RTDETRv2Config, RTDETRv2Net
 from detr_lineage.nn.backbone import BackboneConfig
 from detr_lineage.nn.position import sine_encoding_of_boxes
 
@@ -136,7 +136,7 @@ def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_cl
     common = dict(num_classes=num_classes, nhead=4, num_decoder_layers=2, dim_feedforward=64)
     if variant == "rtdetr_v2":
         backbone = BackboneConfig("conv", channels=[8, 16, 32, 32], return_strides=[4, 8, 16])
-        return RTDETRv2Net(
+        return RTDETRv2Net(RTDETRv2Config(
             backbone=backbone,
             hidden_dim=32,
             encoder_dim=32,
@@ -146,9 +146,9 @@ def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_cl
             num_queries=5,
             denoising=denoising,
             **common,
-        )
-    cls = DETRNet if variant == "detr" else DNDETRNet
-    return cls(
+        ))  # fmt: skip
+    cls, config = (DETRNet, DETRConfig) if variant == "detr" else (DNDETRNet, DNDETRConfig)
+    return cls(config(
         backbone=BackboneConfig(name="conv", channels=[8, 16], return_strides=[4], frozen_bn=False),
         d_model=32,
         num_encoder_layers=1,
@@ -156,7 +156,7 @@ def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_cl
         num_queries=5,
         denoising=denoising,
         **common,
-    )
+    ))  # fmt: skip
 
 
 def criterion(variant: str, num_classes: int = 4) -> SetCriterion:

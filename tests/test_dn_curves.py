@@ -40,7 +40,7 @@ def write_run(root: Path, name: str, group: str, seed: int, slope: float, cls: s
             writer.writerow({"step": s, "time/wall_s": s + 1, "train/loss_class": 1 - slope * s})
     config = {
         "seed_everything": seed,
-        "model": {"class_path": f"detr_lineage.lit.{cls}", "init_args": {"denoising": dn}},
+        "model": {"class_path": f"detr_lineage.lit.{cls}", "init_args": {"net": {"denoising": dn}}},
         "run": {"name": name, "group": group, "tags": [], "dir": str(root)},
     }
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
@@ -104,3 +104,16 @@ def test_class_losses_of_different_kinds_are_labelled_on_a_shared_axis(runs_root
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "detr-on (n=2) [cross-entropy]" in legend and "rt-off (n=1) [varifocal]" in legend
     assert plots.KINDS_NOTE in fig._suptitle.get_text()
+
+
+def test_runs_saved_before_the_net_argument_still_pair(tmp_path):
+    """config.yaml of older runs holds model.init_args.denoising (no ``net``)."""
+    from detr_lineage.analysis.dn_curves import _denoising_on, _without_denoising
+    from detr_lineage.analysis.runs import Run
+
+    def run(dn):
+        config = {"model": {"class_path": "x.DETR", "init_args": {"denoising": dn, "lr": 1}}}
+        return Run(name="r", path=str(tmp_path), frame=None, config=config, group="g")
+
+    assert _denoising_on([run({"groups": 5})]) is True and _denoising_on([run(None)]) is False
+    assert _without_denoising([run({"groups": 5})]) == _without_denoising([run(None)])

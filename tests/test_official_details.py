@@ -7,7 +7,7 @@ from torch import nn
 
 from detr_lineage.data.collate import collate_detection
 from detr_lineage.models.common import IMAGENET_MEAN, IMAGENET_STD, NormalizedBackbone
-from detr_lineage.models.detr import DETRNet
+from detr_lineage.models.detr import DETRConfig, DETRNet
 from detr_lineage.nn.backbone import BackboneConfig
 
 
@@ -44,14 +44,16 @@ def test_detr_output_of_a_padded_image_equals_the_officially_padded_one() -> Non
     """End to end: DETR on our collated batch == DETR fed the officially padded input."""
     torch.manual_seed(0)
     net = DETRNet(
-        3,
-        BackboneConfig(name="conv", channels=[8, 16], return_strides=[4]),
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=32,
-        num_queries=5,
+        DETRConfig(
+            3,
+            BackboneConfig(name="conv", channels=[8, 16], return_strides=[4]),
+            d_model=32,
+            nhead=4,
+            num_encoder_layers=1,
+            num_decoder_layers=2,
+            dim_feedforward=32,
+            num_queries=5,
+        )
     ).eval()
     small, big = torch.rand(3, 19, 23), torch.rand(3, 32, 28)  # odd: convs see padding
     batch = collate_detection([(small, {}), (big, {})])

@@ -14,6 +14,7 @@ from detr_lineage.data.toy_shapes import ToyShapesDataModule
 from detr_lineage.lit import DETR, RTDETRv2
 from detr_lineage.lit.base import WarmupStepSchedule
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 
 def expected_factor(step: int, warmup: int, milestones: list[int], gamma: float) -> float:
@@ -47,7 +48,7 @@ def tiny_detr(**kw) -> DETR:
         dim_feedforward=16,
         num_queries=8,
     )
-    return DETR(6, **{**args, **kw})
+    return make_module(DETR, 6, **{**args, **kw})
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,8 @@ def test_detr_parameter_groups():
 
 def test_rtdetr_parameter_groups_without_decay_on_norms():
     torch.manual_seed(0)
-    module = RTDETRv2(
+    module = make_module(
+        RTDETRv2,
         4,
         backbone=BackboneConfig("resnet18vd", return_strides=[8, 16, 32], frozen_bn=False),
         hidden_dim=32,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from detr_lineage.data.coco import CocoDataModule
 from detr_lineage.lit import DETR, RTDETRv2
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 SIZES = [(90, 140), (150, 70), (61, 61), (200, 123), (77, 190)]  # (h, w)
 CATEGORY_IDS = [2, 5, 9]
@@ -93,11 +94,11 @@ def oracle_module(recipe: str):
     cls, _ = RECIPES[recipe]
     bb = BackboneConfig("conv", channels=[8, 8, 8, 8], return_strides=[16])
     if cls is DETR:
-        module = cls(3, backbone=bb, d_model=16, nhead=2, num_encoder_layers=1,
+        module = make_module(cls, 3, backbone=bb, d_model=16, nhead=2, num_encoder_layers=1,
                      num_decoder_layers=1, dim_feedforward=16, num_queries=6)  # fmt: skip
     else:
         bb.return_strides = [4, 8, 16]
-        module = cls(3, backbone=bb, hidden_dim=16, encoder_dim=16, nhead=2,
+        module = make_module(cls, 3, backbone=bb, hidden_dim=16, encoder_dim=16, nhead=2,
                      encoder_dim_feedforward=16, num_decoder_layers=1, num_queries=6,
                      num_select=18)  # fmt: skip
     net = OracleNet(3, 6, softmax=cls is DETR)

@@ -27,6 +27,7 @@ from detr_lineage.data.collate import collate_detection
 from detr_lineage.data.transforms import build_transform
 from detr_lineage.lit import DETR, DNDETR
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 from .helpers import ROOT, build, parse
 
@@ -34,7 +35,7 @@ MASKED_VARIANTS = {
     "detr": ("experiments/toy/detr.yaml", ()),
     "detr_dn": (
         "experiments/toy/detr.yaml",
-        ("--model.init_args.denoising={}",),
+        ("--model.init_args.net.denoising={}",),
     ),
     "dn_detr": ("experiments/toy/dn_detr.yaml", ()),
 }
@@ -93,7 +94,8 @@ def test_transformer_given_features_and_mask_ignores_the_padding(cls):
     """ResNet-50 trunk (the COCO configs'): features of the image alone vs the same features
     inside a larger map whose padded cells hold garbage."""
     torch.manual_seed(0)
-    model = cls(
+    model = make_module(
+        cls,
         5,
         backbone=BackboneConfig("resnet50", return_strides=[32]),
         d_model=64,

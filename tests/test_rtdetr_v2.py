@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from detr_lineage.denoising import DenoisingConfig, make_denoising_queries
 from detr_lineage.lit import RTDETRv2
-from detr_lineage.models.rtdetr_v2 import RTDETRv2Net, make_anchors
+from detr_lineage.models.rtdetr_v2 import RTDETRv2Config, RTDETRv2Net, make_anchors
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 STRIDES = [8, 16, 32]
 # The README table of the official repository (params in M, GFLOPs at 640x640).
@@ -56,7 +57,7 @@ def test_published_parameter_count_and_flops(size):
     """Params within 3% and forward GFLOPs (2 per multiply-add) within 5% of the README."""
     params_m, gflops, kwargs = PUBLISHED[size]
     with torch.device("meta"):
-        net = RTDETRv2Net(80, **kwargs).eval()
+        net = RTDETRv2Net(RTDETRv2Config(80, **kwargs)).eval()
         n = sum(p.numel() for p in net.parameters()) / 1e6
         with FlopCounterMode(display=False) as counter:
             net(torch.empty(1, 3, 640, 640), torch.zeros(1, 640, 640, dtype=torch.bool))
@@ -93,7 +94,7 @@ def tiny_net(denoising: DenoisingConfig | None = None, **kw) -> RTDETRv2Net:
         dim_feedforward=64,
         denoising=denoising,
     )
-    return RTDETRv2Net(4, **{**args, **kw})
+    return RTDETRv2Net(RTDETRv2Config(4, **{**args, **kw}))
 
 
 def targets() -> list[dict]:
@@ -132,7 +133,7 @@ def test_output_shapes_with_and_without_denoising():
 
 def test_300_queries_selected_at_640():
     with torch.device("meta"):
-        net = RTDETRv2Net(80, **PUBLISHED["S"][2]).eval()
+        net = RTDETRv2Net(RTDETRv2Config(80, **PUBLISHED["S"][2])).eval()
         memory = net.memory(torch.empty(1, 3, 640, 640))
         content, boxes, enc = net.select_queries(memory)
     assert memory.value.shape == (1, 8400, 256)
@@ -189,7 +190,8 @@ def test_eval_idx_cuts_decoder_depth_at_inference():
 def test_tiny_rtdetr_overfits_one_batch():
     from tests.test_training import fixed_batch, overfit
 
-    model = RTDETRv2(
+    model = make_module(
+        RTDETRv2,
         num_classes=6,
         backbone=BackboneConfig("conv", channels=[16, 32, 64, 64], return_strides=[4, 8, 16]),
         hidden_dim=64,

@@ -22,9 +22,9 @@ TINY_DETR = [
     "--config",
     str(ROOT / "experiments/toy/detr.yaml"),
     *TINY,
-    "--model.init_args.d_model=32",
-    "--model.init_args.nhead=4",
-    "--model.init_args.dim_feedforward=64",
+    "--model.init_args.net.d_model=32",
+    "--model.init_args.net.nhead=4",
+    "--model.init_args.net.dim_feedforward=64",
     "--trainer.log_every_n_steps=1",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
@@ -120,7 +120,7 @@ def test_checkpoint_of_another_variant_is_refused(trained):
 def test_hyper_parameter_mismatch_is_refused_unless_asked_for(trained):
     before = files_of(trained)
     ckpt = trained / "checkpoints" / "last.ckpt"
-    args = ["--model.init_args.num_queries=30", "--model.init_args.eos_coef=0.2"]
+    args = ["--model.init_args.net.num_queries=30", "--model.init_args.eos_coef=0.2"]
     args.append(f"--ckpt_path={ckpt}")
     with pytest.raises(CheckpointMismatchError) as error:
         run_cmd("fit", trained.parents[1], *args, "--trainer.max_steps=6")

@@ -9,6 +9,7 @@ from detr_lineage.data.toy_shapes import ToyShapesDataModule
 from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DETR, DNDETR
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 TINY = dict(
     num_classes=6,
@@ -50,8 +51,8 @@ def overfit(model, batch: dict, steps: int, lr: float = 1e-3) -> tuple[float, fl
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: DETR(**TINY, dropout=0.0),
-        lambda: DNDETR(**TINY, denoising=DenoisingConfig(groups=2)),
+        lambda: make_module(DETR, **TINY, dropout=0.0),
+        lambda: make_module(DNDETR, **TINY, denoising=DenoisingConfig(groups=2)),
     ],
     ids=["detr", "dn_detr"],
 )

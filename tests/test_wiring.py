@@ -8,6 +8,7 @@ fails if a variant grows an argument that no check here covers.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -18,6 +19,7 @@ from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DETR, DNDETR, RTDETRv2
 from detr_lineage.matcher import HungarianMatcher
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 from .helpers import NO_DENOISING, ROOT, build, parse
 
@@ -106,13 +108,14 @@ BASE_ARGS = set(inspect.signature(DETR.__mro__[1].__init__).parameters) - {"self
 def make(name: str, **override):
     cls, kw = VARIANTS[name]
     torch.manual_seed(0)
-    return cls(NC, **{**kw, **override})
+    return make_module(cls, NC, **{**kw, **override})
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_argument_has_a_wiring_check(name):
     cls, kw = VARIANTS[name]
-    args = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
+    args = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "kwargs"}
+    args |= {f.name for f in dataclasses.fields(cls.net_config)} - {"num_classes"}
     missing = args - set(kw)
     assert not missing, f"{cls.__name__} arguments without a wiring check here: {missing}"
 
@@ -288,7 +291,7 @@ def test_aux_loss_off_reaches_the_network(name):
 # -- the denoising on/off twins -------------------------------------------------------------
 def _twin(config: str, dn_off: bool, seed: int = 7):
     configs = [ROOT / config] + ([NO_DENOISING] if dn_off else [])
-    parser, cfg = parse(*configs, args=("--model.init_args.num_queries=6",))
+    parser, cfg = parse(*configs, args=("--model.init_args.net.num_queries=6",))
     torch.manual_seed(seed)
     model, _, _ = build(parser, cfg)
     return model
@@ -307,9 +310,10 @@ def test_denoising_twins_have_the_same_parameters_initial_weights_and_eval_outpu
     for key in s_on:
         assert torch.equal(s_on[key], s_off[key]), key
     assert on.hparams.keys() == off.hparams.keys()
-    assert {k: v for k, v in on.hparams.items() if k != "denoising"} == {
-        k: v for k, v in off.hparams.items() if k != "denoising"
+    assert {k: v for k, v in on.hparams.items() if k != "net"} == {
+        k: v for k, v in off.hparams.items() if k != "net"
     }
+    assert {**on.hparams.net, "denoising": None} == off.hparams.net  # CLI: saved as a dict
     if "coco" in config:
         return  # the weights decide the outputs; a COCO-size forward costs seconds
     images = torch.rand(2, 3, 64, 64)

@@ -23,7 +23,8 @@ from .plots import TRAIN_SMOOTHING, group_curve
 from .runs import Run, experiment_config
 
 CLASS_LOSS_METRIC = "train/loss_class"
-DENOISING_KEY = "model.init_args.denoising"
+DENOISING_KEY = "model.init_args.net.denoising"
+OLD_DENOISING_KEY = "model.init_args.denoising"  # runs saved before the ``net`` argument
 # LightningModule class -> its class loss (criterion.py): values of different kinds differ in scale
 CLASS_LOSS_KIND = {"DETR": "cross-entropy", "DNDETR": "focal", "RTDETRv2": "varifocal"}
 
@@ -43,10 +44,11 @@ def class_loss_kind(runs: Sequence[Run]) -> str:
 
 def _denoising_on(runs: Sequence[Run]) -> bool | None:
     flat = experiment_config(runs[0].config) if runs[0].config else {}
-    if DENOISING_KEY in flat:
-        return flat[DENOISING_KEY] is not None
-    if any(k.startswith(DENOISING_KEY + ".") for k in flat):
-        return True
+    for key in (DENOISING_KEY, OLD_DENOISING_KEY):
+        if key in flat:
+            return flat[key] is not None
+        if any(k.startswith(key + ".") for k in flat):
+            return True
     tags = set(runs[0].tags)
     return True if "dn_on" in tags else False if "dn_off" in tags else None
 
@@ -56,7 +58,10 @@ def _without_denoising(runs: Sequence[Run]) -> str:
     rest = {
         k: v
         for k, v in flat.items()
-        if k != DENOISING_KEY and not k.startswith(DENOISING_KEY + ".") and k != "run.group"
+        if k != "run.group"
+        and not any(
+            k == key or k.startswith(key + ".") for key in (DENOISING_KEY, OLD_DENOISING_KEY)
+        )
     }
     return json.dumps(rest, sort_keys=True, default=str)
 

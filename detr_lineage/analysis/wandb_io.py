@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .runs import Run, tidy_metrics
+from .run_frame import Run, tidy_metrics
 
 STEP_KEYS = ("trainer/global_step", "_step")
 _HEADER = 7

@@ -7,11 +7,14 @@ optimiser groups, schedule, mAP and the logged names live here, once.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 import random
 import time
 import warnings
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -114,6 +117,12 @@ def gather_unique(items: list[dict]) -> list[dict]:
 class DetectionModule(L.LightningModule):
     """Shared steps; subclasses set ``net``, ``criterion``, ``postprocess``.
 
+    Hyper-parameters are declared once: the network's in one dataclass per variant
+    (``models/<variant>.py``, e.g. ``DETRConfig``, the class attribute ``net_config``), taken
+    whole as the ``net`` argument (``self.hparams.net``; the built network is ``self.net``);
+    the subclass adds only its matcher, loss and post-processing arguments, this class the
+    optimiser's.
+
     Optimiser: AdamW with the backbone at ``lr_backbone``; optionally no weight decay on norm
     layers (RT-DETR) and on the encoder/decoder biases (``no_decay_on_bias``, RT-DETRv2-M*).
     Schedule, stepped every batch: linear warm-up over
@@ -123,10 +132,11 @@ class DetectionModule(L.LightningModule):
     net: nn.Module
     criterion: SetCriterion
     postprocess: PostProcess
+    net_config: ClassVar[type]
 
     def __init__(
         self,
-        num_classes: int,
+        net: Any,
         lr: float = 1e-4,
         lr_backbone: float = 1e-5,
         weight_decay: float = 1e-4,
@@ -139,9 +149,10 @@ class DetectionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's arguments too
+        num_classes = net.num_classes
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        check_sizes(dict(self.hparams))
+        check_sizes({**vars(net), **self.hparams})
         self.num_classes = num_classes
         # Synced by ``gather_unique`` (each image once), not by torchmetrics (which needs as
         # many images on every process and would count a sampler's repeated image twice).
@@ -162,8 +173,9 @@ class DetectionModule(L.LightningModule):
         data_classes = getattr(dm, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
-                f"model.num_classes={self.num_classes} but the data has {data_classes} classes "
-                f"(labels are contiguous from 0): pass --model.init_args.num_classes={data_classes}"
+                f"model.net.num_classes={self.num_classes} but the data has {data_classes} "
+                "classes (labels are contiguous from 0): pass "
+                f"--model.init_args.net.num_classes={data_classes}"
             )
         max_objects = getattr(dm, "max_objects", None)
         num_queries = getattr(self.net, "num_queries", None)
@@ -330,6 +342,26 @@ class DetectionModule(L.LightningModule):
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
+        """Lightning's, after moving a checkpoint's flat network hyper-parameters (written
+        before ``net`` existed) into ``net`` (``nest_net_hparams``)."""
+        source = checkpoint_path
+        if isinstance(checkpoint_path, str | Path):
+            checkpoint = torch.load(
+                checkpoint_path, map_location="cpu", weights_only=False, mmap=True
+            )
+            hparams = checkpoint.get("hyper_parameters")
+            if hparams and "net" not in hparams:
+                checkpoint["hyper_parameters"] = nest_net_hparams(
+                    hparams, cls.net_config, str(checkpoint_path)
+                )
+                source = io.BytesIO()
+                torch.save(checkpoint, source)
+                source.seek(0)
+        kwargs.setdefault("weights_only", False)  # hparams hold our dataclasses (as load_detector)
+        return super().load_from_checkpoint(source, *args, **kwargs)
+
     # -- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
         """Backbone at ``lr_backbone``; optionally norm parameters without weight decay."""
@@ -399,6 +431,34 @@ def set_rng_states(states: dict) -> None:
     keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
     random.setstate(states["python"])
+
+
+def nest_net_hparams(hparams: dict, net_config: type, source: str = "checkpoint") -> dict:
+    """Hyper-parameters saved flat (before the ``net`` argument) -> ``{..., "net": net_config}``.
+
+    The network's keys (the fields of ``net_config``) move into one ``net_config``; a None saved
+    for a field that now has a non-None default (``backbone``, ``num_points``) meant that
+    default. Unknown keys stay where they are (the module then names them). A checkpoint
+    written by the CLI (``_instantiator``) gets ``net`` as a dict, as the CLI saves it.
+    """
+    fields = {f.name: f for f in dataclasses.fields(net_config)}
+    net, rest = {}, {}
+    for key, value in hparams.items():
+        if key not in fields:
+            rest[key] = value
+        elif value is not None or fields[key].default is None:
+            net[key] = value
+    try:
+        config = net_config(**net)
+        # a CLI-built checkpoint (``_instantiator``) is re-parsed from plain values
+        rest["net"] = dataclasses.asdict(config) if "_instantiator" in hparams else config
+    except TypeError as err:
+        raise ValueError(
+            f"{source}: its flat hyper-parameters do not make a {net_config.__name__} ({err}); "
+            "convert it by moving the network's keys under hyper_parameters['net'] "
+            "(torch.load, edit, torch.save), or rebuild the model from its config"
+        ) from err
+    return rest
 
 
 class WarmupStepSchedule:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from ..criterion import SetCriterion
-from ..denoising import DenoisingConfig
 from ..matcher import HungarianMatcher
-from ..models.rtdetr_v2 import RTDETRv2Net
-from ..nn.backbone import BackboneConfig
+from ..models.rtdetr_v2 import RTDETRv2Config, RTDETRv2Net
 from ..postprocess import PostProcess
 from .base import DetectionModule
 
 
 class RTDETRv2(DetectionModule):
-    """RT-DETRv2 (Lv et al. 2024). Network defaults are the L model (R50-vd).
+    """RT-DETRv2 (Lv et al. 2024); ``net``: the network's hyper-parameters (``RTDETRv2Config``,
+    defaults: the L model, R50-vd).
 
     Varifocal classification (alpha 0.75, gamma 2) with loss weights 1/5/2 for the decoder
     layers, the encoder's top-k proposals and the denoising queries; focal-style matching costs
@@ -21,26 +20,11 @@ class RTDETRv2(DetectionModule):
     encoder/decoder norms, 2000 warm-up steps, gradient clip 0.1, EMA of weights (a callback).
     """
 
+    net_config = RTDETRv2Config
+
     def __init__(
         self,
-        num_classes: int,
-        backbone: BackboneConfig | None = None,
-        hidden_dim: int = 256,
-        nhead: int = 8,
-        encoder_dim: int = 256,
-        encoder_dim_feedforward: int = 1024,
-        num_encoder_layers: int = 1,
-        expansion: float = 1.0,
-        depth_mult: float = 1.0,
-        num_queries: int = 300,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.0,
-        num_points: list[int] | None = None,
-        cross_attn_method: str = "default",
-        eval_idx: int = -1,
-        denoising: DenoisingConfig | None = None,
-        aux_loss: bool = True,
+        net: RTDETRv2Config,
         cost_class: float = 2.0,
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
@@ -54,27 +38,9 @@ class RTDETRv2(DetectionModule):
     ) -> None:
         kwargs.setdefault("no_decay_on_norm", True)
         kwargs.setdefault("warmup_steps", 2000)
-        super().__init__(num_classes=num_classes, **kwargs)
-        self.net = RTDETRv2Net(
-            num_classes,
-            backbone,
-            hidden_dim,
-            nhead,
-            encoder_dim,
-            encoder_dim_feedforward,
-            num_encoder_layers,
-            expansion,
-            depth_mult,
-            num_queries,
-            num_decoder_layers,
-            dim_feedforward,
-            dropout,
-            num_points or [4, 4, 4],
-            cross_attn_method,
-            eval_idx,
-            denoising,
-            aux_loss,
-        )
+        super().__init__(net, **kwargs)
+        num_classes = net.num_classes
+        self.net = RTDETRv2Net(net)
         matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, "focal", 0.25, 2.0)
         self.criterion = SetCriterion(
             num_classes,

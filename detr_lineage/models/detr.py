@@ -6,6 +6,8 @@ exercise; not in the DETR paper): ``denoising=None`` (the default) is DETR as pu
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +51,30 @@ class DenoisingQueryPosition(nn.Module):
         return self.proj(torch.cat([label, sine], -1))
 
 
+@dataclass
+class DETRConfig:
+    """DETR's network hyper-parameters (defaults: the paper's COCO R50 model).
+
+    ``pre_norm``: pre-LayerNorm layers (the paper: post-norm). ``denoising`` (None: the paper)
+    adds DN-DETR's denoising queries; ``dn_combine`` (``sum`` | ``concat``) combines a denoising
+    query's label embedding and projected box encoding.
+    """
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    d_model: int = 256
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    pre_norm: bool = False
+    aux_loss: bool = True
+    denoising: DenoisingConfig | None = None
+    dn_combine: str = "sum"
+
+
 class DETRNet(nn.Module):
     """DETR as published: post-norm encoder/decoder, learned query positions, shared heads.
 
@@ -62,28 +88,16 @@ class DETRNet(nn.Module):
     the group attention mask in self-attention; inference is unchanged.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: BackboneConfig | None = None,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        num_queries: int = 100,
-        pre_norm: bool = False,
-        aux_loss: bool = True,
-        denoising: DenoisingConfig | None = None,
-        dn_combine: str = "sum",
-    ) -> None:
+    def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
+        self.cfg = cfg
+        num_classes, d_model, nhead, dropout = cfg.num_classes, cfg.d_model, cfg.nhead, cfg.dropout
+        dim_feedforward, pre_norm, denoising = cfg.dim_feedforward, cfg.pre_norm, cfg.denoising
         self.encoder = SingleScaleEncoder(
-            backbone or BackboneConfig(),
+            cfg.backbone,
             d_model,
             nhead,
-            num_encoder_layers,
+            cfg.num_encoder_layers,
             dim_feedforward,
             dropout,
             pre_norm=pre_norm,
@@ -99,20 +113,22 @@ class DETRNet(nn.Module):
                     "relu",
                     pre_norm,
                 )
-                for _ in range(num_decoder_layers)
+                for _ in range(cfg.num_decoder_layers)
             ],
             norm=nn.LayerNorm(d_model),
         )
         for p in self.decoder.layers.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-        self.query_embed = nn.Embedding(num_queries, d_model)
+        self.query_embed = nn.Embedding(cfg.num_queries, d_model)
         self.class_head = nn.Linear(d_model, num_classes + 1)
         self.box_head = MLP(d_model, d_model, 4, 3)
-        self.num_classes, self.num_queries = num_classes, num_queries
-        self.aux_loss, self.denoising = aux_loss, denoising
+        self.num_classes, self.num_queries = num_classes, cfg.num_queries
+        self.aux_loss, self.denoising = cfg.aux_loss, denoising
         self.dn_query_pos = (
-            None if denoising is None else DenoisingQueryPosition(num_classes, d_model, dn_combine)
+            None
+            if denoising is None
+            else DenoisingQueryPosition(num_classes, d_model, cfg.dn_combine)
         )
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None) -> dict:

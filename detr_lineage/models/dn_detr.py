@@ -17,6 +17,7 @@ q/k (standard multi-head attention), where DAB-DETR has separate content/positio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -53,37 +54,49 @@ class AnchorQueryPosition(nn.Module):
         return query_pos, torch.cat([y_part, x_part], -1)
 
 
+@dataclass
+class DNDETRConfig:
+    """DN-DETR's network hyper-parameters (defaults: the official R50 COCO model).
+
+    ``denoising=None`` makes it DAB-DETR. ``pe_temperature``: the sine encodings' temperature
+    (DAB-DETR: 20).
+    """
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    d_model: int = 256
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    activation: str = "prelu"
+    num_queries: int = 300
+    pe_temperature: float = 20.0
+    denoising: DenoisingConfig | None = None
+    aux_loss: bool = True
+
+
 class DNDETRNet(nn.Module):
     """DN-DETR network; ``denoising=None`` makes it DAB-DETR."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: BackboneConfig | None = None,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.0,
-        activation: str = "prelu",
-        num_queries: int = 300,
-        pe_temperature: float = 20.0,
-        denoising: DenoisingConfig | None = None,
-        aux_loss: bool = True,
-    ) -> None:
+    def __init__(self, cfg: DNDETRConfig) -> None:
         super().__init__()
-        self.num_classes, self.num_queries = num_classes, num_queries
-        self.denoising, self.aux_loss = denoising, aux_loss
+        self.cfg = cfg
+        num_classes, d_model, nhead, dropout = cfg.num_classes, cfg.d_model, cfg.nhead, cfg.dropout
+        dim_feedforward, activation = cfg.dim_feedforward, cfg.activation
+        num_decoder_layers = cfg.num_decoder_layers
+        self.num_classes, self.num_queries = num_classes, cfg.num_queries
+        self.denoising, self.aux_loss = cfg.denoising, cfg.aux_loss
         self.encoder = SingleScaleEncoder(
-            backbone or BackboneConfig(),
+            cfg.backbone,
             d_model,
             nhead,
-            num_encoder_layers,
+            cfg.num_encoder_layers,
             dim_feedforward,
             dropout,
             activation,
-            pe_temperature=pe_temperature,
+            pe_temperature=cfg.pe_temperature,
             scale_pos=True,
         )
         self.box_head = MLP(d_model, d_model, 4, 3)  # shared by all layers
@@ -106,7 +119,7 @@ class DNDETRNet(nn.Module):
             query_pos_head=AnchorQueryPosition(d_model),
             box_heads=[self.box_head] * num_decoder_layers,
         )
-        self.anchors = nn.Embedding(num_queries, 4)  # logits of (cx, cy, w, h)
+        self.anchors = nn.Embedding(cfg.num_queries, 4)  # logits of (cx, cy, w, h)
         # label embedding + 1 indicator bit; index num_classes = "unknown" (matching queries)
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
         self.class_head = nn.Linear(d_model, num_classes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -62,47 +63,58 @@ class BoxQueryPosition(nn.Module):
         return self.mlp(ref), None
 
 
-class RTDETRv2Net(nn.Module):
-    """RT-DETRv2. Defaults are the L model (R50-vd); see the COCO configs for S/M*/X.
+@dataclass
+class RTDETRv2Config:
+    """RT-DETRv2's network hyper-parameters. Defaults are the L model (R50-vd); see the COCO
+    configs for S/M*/X.
 
     ``encoder_dim`` is the hybrid encoder's width (X: 384); the decoder works at ``hidden_dim``
-    (256 in every official size), reached through a 1x1 conv + BN per level.
+    (256 in every official size). ``num_points``: sampling points per level in the decoder's
+    deformable cross-attention; ``cross_attn_method``: ``default`` (bilinear) | ``discrete``.
+    ``eval_idx``: the decoder layer whose output is the prediction at inference (-1: last).
+    ``denoising=None`` turns contrastive denoising off.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: BackboneConfig | None = None,
-        hidden_dim: int = 256,
-        nhead: int = 8,
-        encoder_dim: int = 256,
-        encoder_dim_feedforward: int = 1024,
-        num_encoder_layers: int = 1,
-        expansion: float = 1.0,
-        depth_mult: float = 1.0,
-        num_queries: int = 300,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.0,
-        num_points: Sequence[int] = (4, 4, 4),
-        cross_attn_method: str = "default",
-        eval_idx: int = -1,
-        denoising: DenoisingConfig | None = None,
-        aux_loss: bool = True,
-    ) -> None:
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=default_backbone)
+    hidden_dim: int = 256
+    nhead: int = 8
+    encoder_dim: int = 256
+    encoder_dim_feedforward: int = 1024
+    num_encoder_layers: int = 1
+    expansion: float = 1.0
+    depth_mult: float = 1.0
+    num_queries: int = 300
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    num_points: list[int] = field(default_factory=lambda: [4, 4, 4])
+    cross_attn_method: str = "default"
+    eval_idx: int = -1
+    denoising: DenoisingConfig | None = None
+    aux_loss: bool = True
+
+
+class RTDETRv2Net(nn.Module):
+    """RT-DETRv2: the decoder is reached through a 1x1 conv + BN per level."""
+
+    def __init__(self, cfg: RTDETRv2Config) -> None:
         super().__init__()
-        self.num_classes, self.num_queries = num_classes, num_queries
-        self.denoising, self.aux_loss = denoising, aux_loss
-        self.backbone = NormalizedBackbone(backbone or default_backbone(), None, None)
+        self.cfg = cfg
+        num_classes, hidden_dim, nhead = cfg.num_classes, cfg.hidden_dim, cfg.nhead
+        encoder_dim, num_decoder_layers = cfg.encoder_dim, cfg.num_decoder_layers
+        self.num_classes, self.num_queries = num_classes, cfg.num_queries
+        self.denoising, self.aux_loss = cfg.denoising, cfg.aux_loss
+        self.backbone = NormalizedBackbone(cfg.backbone, None, None)
         self.encoder = HybridEncoder(
             self.backbone.out_channels,
             encoder_dim,
             nhead,
-            encoder_dim_feedforward,
-            dropout,
-            num_encoder_layers=num_encoder_layers,
-            expansion=expansion,
-            depth_mult=depth_mult,
+            cfg.encoder_dim_feedforward,
+            cfg.dropout,
+            num_encoder_layers=cfg.num_encoder_layers,
+            expansion=cfg.expansion,
+            depth_mult=cfg.depth_mult,
             strides=self.backbone.strides,
         )
         num_levels = len(self.backbone.out_channels)
@@ -126,12 +138,12 @@ class RTDETRv2Net(nn.Module):
         layers = [
             DecoderLayer(
                 DeformableCrossAttention(
-                    hidden_dim, nhead, num_levels, list(num_points), cross_attn_method
+                    hidden_dim, nhead, num_levels, list(cfg.num_points), cfg.cross_attn_method
                 ),
                 hidden_dim,
                 nhead,
-                dim_feedforward,
-                dropout,
+                cfg.dim_feedforward,
+                cfg.dropout,
                 "relu",
             )
             for _ in range(num_decoder_layers)
@@ -142,7 +154,7 @@ class RTDETRv2Net(nn.Module):
             box_heads=self.dec_bbox_heads,
             look_forward_twice=True,
         )
-        self.eval_layers = num_decoder_layers if eval_idx < 0 else eval_idx + 1
+        self.eval_layers = num_decoder_layers if cfg.eval_idx < 0 else cfg.eval_idx + 1
         self.denoising_class_embed = nn.Embedding(
             num_classes + 1, hidden_dim, padding_idx=num_classes
         )

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +145,27 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.name in RESNETS:
         return ResNetTrunk(cfg)
     if cfg.name in RESNET_VDS:
-        from .resnet_vd import ResNetVd
-
-        return ResNetVd.from_config(cfg)
+        return resnet_vd_from_config(cfg)
     raise ValueError(
         f"unknown backbone {cfg.name!r}; choose conv, one of {RESNETS} or {RESNET_VDS}"
+    )
+
+
+def resnet_vd_from_config(cfg: BackboneConfig) -> nn.Module:
+    """RT-DETR's ResNet-vd (``nn/resnet_vd.py``, imported here on first use: it needs timm)
+    from ``cfg`` (name ``resnet{18,34,50,101}vd``)."""
+    from .resnet_vd import STAGE_STRIDES, ResNetVd
+
+    match = re.fullmatch(r"resnet(\d+)vd", cfg.name)
+    if match is None:
+        raise ValueError(f"not a ResNet-vd name: {cfg.name!r}")
+    unknown = [s for s in cfg.return_strides if s not in STAGE_STRIDES]
+    if unknown:
+        raise ValueError(f"return_strides {unknown} not in {STAGE_STRIDES}")
+    return ResNetVd(
+        depth=int(match.group(1)),
+        return_idx=[STAGE_STRIDES.index(s) for s in cfg.return_strides],
+        freeze_at=cfg.freeze_at,
+        freeze_norm=cfg.frozen_bn,
+        pretrained=cfg.weights,
     )

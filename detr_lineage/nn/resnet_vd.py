@@ -20,15 +20,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
-
-if TYPE_CHECKING:
-    from .backbone import BackboneConfig
 
 __all__ = ["ResNetVd", "freeze_batch_norm", "official_to_timm_key"]
 
@@ -166,23 +162,6 @@ class ResNetVd(nn.Module):
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         # Identity at index 0 keeps timm's (pool, conv, bn) indices for checkpoint keys.
         block.downsample = nn.Sequential(nn.Identity(), conv, nn.BatchNorm2d(width))
-
-    @classmethod
-    def from_config(cls, cfg: BackboneConfig) -> ResNetVd:
-        """Build from the shared YAML ``BackboneConfig`` (name ``resnet{18,34,50,101}vd``)."""
-        match = re.fullmatch(r"resnet(\d+)vd", cfg.name)
-        if match is None:
-            raise ValueError(f"not a ResNet-vd name: {cfg.name!r}")
-        unknown = [s for s in cfg.return_strides if s not in STAGE_STRIDES]
-        if unknown:
-            raise ValueError(f"return_strides {unknown} not in {STAGE_STRIDES}")
-        return cls(
-            depth=int(match.group(1)),
-            return_idx=[STAGE_STRIDES.index(s) for s in cfg.return_strides],
-            freeze_at=cfg.freeze_at,
-            freeze_norm=cfg.frozen_bn,
-            pretrained=cfg.weights,
-        )
 
     def load_pretrained(self, path: str) -> None:
         """Load a local state-dict file; raise naming the file and the keys that do not fit."""

@@ -126,7 +126,7 @@ def test_hyper_parameter_mismatch_is_refused_unless_asked_for(trained):
         run_cmd("fit", trained.parents[1], *args, "--trainer.max_steps=6")
     assert str(error.value).splitlines()[1:3] == [
         "  eos_coef: 0.1 in the checkpoint, 0.2 in the config",
-        "  num_queries: 20 in the checkpoint, 30 in the config",
+        "  net.num_queries: 20 in the checkpoint, 30 in the config",
     ]
     assert files_of(trained) == before
 

@@ -134,6 +134,6 @@ def test_hyper_parameter_mismatch_is_refused_unless_asked_for(trained):
     n = next_index(trained.parent, "test_")
     run_cmd("test", trained.parents[1], *args, "--model_from_checkpoint=true")
     config = yaml.safe_load((trained.parent / f"test_{n}" / "config.yaml").read_text())
-    assert config["model"]["init_args"]["num_queries"] == 20
+    assert config["model"]["init_args"]["net"]["num_queries"] == 20
     assert config["model"]["init_args"]["eos_coef"] == 0.1
     assert files_of(trained) == before

@@ -80,17 +80,23 @@ def variant_config(name: str) -> tuple[str, dict[str, Any]]:
     path = EXPERIMENTS / variant.yaml
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the variant's config is missing (run from a checkout)")
+    import importlib
+
     model = yaml.safe_load(path.read_text())["model"]
     args = dict(model["init_args"])
-    args["backbone"] = dict(args["backbone"])
+    net = dict(args["net"])  # the overrides are the network's hyper-parameters
+    net["backbone"] = dict(net["backbone"])
     for key, value in variant.overrides.items():
         if key.startswith("backbone."):
-            args["backbone"][key.removeprefix("backbone.")] = value
+            net["backbone"][key.removeprefix("backbone.")] = value
         else:
-            args[key] = value
-    args["backbone"] = BackboneConfig(**args["backbone"])
-    if args.get("denoising") is not None:
-        args["denoising"] = DenoisingConfig(**args["denoising"])
+            net[key] = value
+    net["backbone"] = BackboneConfig(**net["backbone"])
+    if net.get("denoising") is not None:
+        net["denoising"] = DenoisingConfig(**net["denoising"])
+    module_name, _, class_name = model["class_path"].rpartition(".")
+    net_config = getattr(importlib.import_module(module_name), class_name).net_config
+    args["net"] = net_config(**net)
     return model["class_path"], args
 
 
@@ -421,7 +427,7 @@ def save_checkpoint(module: torch.nn.Module, variant: str, out: str, note: str) 
     """The converted ``variant`` with its YAML's hyper-parameters and COCO's ids and names."""
     _, args = variant_config(variant)
     coco = {}
-    if args["num_classes"] == 80:  # every supported variant is a COCO model
+    if args["net"].num_classes == 80:  # every supported variant is a COCO model
         coco = {"label_to_category_id": COCO_CATEGORY_IDS, "class_names": COCO_NAMES_LIST}
     write_checkpoint(module, args, out, note, **coco)
 

@@ -82,7 +82,10 @@ def _no_metric(**kwargs):
     return None
 
 
-def make_module(cls: type[DetectionModule], num_classes: int, **flat) -> DetectionModule:
+def make_module(
+    cls: type[DetectionModule], num_classes: int, backbone=None, **flat
+) -> DetectionModule:
     """``cls`` from one flat list of arguments: the network's go into ``net`` (its
     ``cls.net_config``), the rest to the module, as for a checkpoint saved flat."""
-    return cls(**base.nest_net_hparams({"num_classes": num_classes, **flat}, cls.net_config))
+    flat = {"num_classes": num_classes, "backbone": backbone, **flat}
+    return cls(**base.nest_net_hparams(flat, cls.net_config))

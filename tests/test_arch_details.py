@@ -23,6 +23,7 @@ from detr_lineage.models.dn_detr import AnchorQueryPosition
 from detr_lineage.models.rtdetr_v2 import make_anchors
 from detr_lineage.nn.backbone import BackboneConfig
 from detr_lineage.nn.position import sine_encoding_of_boxes
+from tests.helpers import make_module
 
 SHAPES = [(2, 5), (3, 1), (1, 4)]
 
@@ -58,7 +59,7 @@ def tiny_rtdetr(**kw) -> RTDETRv2:
         num_decoder_layers=3,
         dim_feedforward=32,
     )
-    module = RTDETRv2(4, **{**args, **kw})
+    module = make_module(RTDETRv2, 4, **{**args, **kw})
     with torch.no_grad():  # trained-looking box heads: zero-initialised ones hide a layer mix-up
         for head in module.net.dec_bbox_heads:
             head.layers[-1].weight.normal_(0, 0.3)
@@ -88,7 +89,8 @@ def tiny(cls, **kw):
     torch.manual_seed(0)
     if cls is RTDETRv2:
         return tiny_rtdetr(**kw)
-    module = cls(
+    module = make_module(
+        cls,
         4,
         backbone=BackboneConfig("conv", channels=[8, 16, 16, 16], return_strides=[16]),
         d_model=32,

@@ -24,6 +24,7 @@ from detr_lineage.convert import (
 from detr_lineage.data.collate import collate_detection
 from detr_lineage.lit import load_detector
 from detr_lineage.models.common import IMAGENET_MEAN, IMAGENET_STD
+from tests.helpers import make_module
 
 KEYS = Path(__file__).parent / "data" / "official_state_dict_keys.json"
 
@@ -249,7 +250,7 @@ def test_converted_checkpoint_loads_for_test_and_predict(tmp_path: Path) -> None
 def test_build_module_uses_the_variant_yaml() -> None:
     m = build_module("rtdetrv2-m")
     assert m.net.eval_layers == 3 and len(m.net.decoder.layers) == 6
-    assert m.hparams.expansion == 0.5
+    assert m.hparams.net.expansion == 0.5
     with pytest.raises(ValueError, match="unknown variant"):
         save_checkpoint(m, "rtdetrv2-q", "x", "")
 
@@ -260,8 +261,8 @@ def toy_rtdetr(num_classes: int, seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8])
-    return RTDETRv2(
-        num_classes, backbone, hidden_dim=32, encoder_dim=32, encoder_dim_feedforward=32,
+    return make_module(
+        RTDETRv2, num_classes, backbone, hidden_dim=32, encoder_dim=32, encoder_dim_feedforward=32,
         num_queries=10, num_decoder_layers=2, dim_feedforward=32,
     )  # fmt: skip
 

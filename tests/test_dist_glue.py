@@ -17,6 +17,7 @@ from detr_lineage.data.coco import CocoDataModule
 from detr_lineage.lit import DETR
 from detr_lineage.matcher import HungarianMatcher
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 from .test_orig_sizes import CATEGORY_IDS, write_dataset
 
@@ -85,7 +86,7 @@ def logged_map(module: DETR, images: list[dict]) -> float:
 
 def tiny_module() -> DETR:
     bb = BackboneConfig("conv", channels=[8, 8, 8, 8], return_strides=[16])
-    return DETR(3, backbone=bb, d_model=16, nhead=2, num_encoder_layers=1,
+    return make_module(DETR, 3, backbone=bb, d_model=16, nhead=2, num_encoder_layers=1,
                 num_decoder_layers=1, dim_feedforward=16, num_queries=4)  # fmt: skip
 
 

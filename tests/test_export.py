@@ -10,6 +10,7 @@ import torch
 from detr_lineage.cli import main
 from detr_lineage.lit import DETR, RTDETRv2
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 from .test_predict import save
 
@@ -20,11 +21,13 @@ def toy(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "detr":
         backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[8])
-        return DETR(3, backbone, d_model=32, nhead=4, num_encoder_layers=1,
+        return make_module(DETR, 3, backbone, d_model=32, nhead=4, num_encoder_layers=1,
                     num_decoder_layers=2, dim_feedforward=32, num_queries=8)  # fmt: skip
     backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8])
     sizes = dict(hidden_dim=32, encoder_dim=32, encoder_dim_feedforward=32, dim_feedforward=32)
-    return RTDETRv2(3, backbone, num_queries=8, num_decoder_layers=2, eval_idx=0, **sizes)
+    return make_module(
+        RTDETRv2, 3, backbone, num_queries=8, num_decoder_layers=2, eval_idx=0, **sizes
+    )
 
 
 @pytest.mark.slow

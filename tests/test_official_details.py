@@ -91,12 +91,12 @@ def test_rtdetrv2_decoder_ffn_and_query_pos_head_use_xavier_init() -> None:
     sqrt(6 / (fan_in + fan_out)) differs from PyTorch's default 1 / sqrt(fan_in)."""
     import math
 
-    from detr_lineage.models.rtdetr_v2 import RTDETRv2Net
+    from detr_lineage.models.rtdetr_v2 import RTDETRv2Config, RTDETRv2Net
 
     torch.manual_seed(0)
     backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8])
-    net = RTDETRv2Net(3, backbone, hidden_dim=64, encoder_dim=64, num_decoder_layers=2,
-                      dim_feedforward=1024, num_queries=10)  # fmt: skip
+    net = RTDETRv2Net(RTDETRv2Config(3, backbone, hidden_dim=64, encoder_dim=64,
+                      num_decoder_layers=2, dim_feedforward=1024, num_queries=10))  # fmt: skip
     linears = [net.decoder.query_pos_head.mlp.layers[0], net.decoder.query_pos_head.mlp.layers[1]]
     for layer in net.decoder.layers:
         linears += [layer.ffn.linear1, layer.ffn.linear2]

@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from detr_lineage.cli import main
 from detr_lineage.lit import DETR, RTDETRv2
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 BACKBONE = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[8])
 
@@ -47,8 +48,8 @@ def folder(tmp_path: Path) -> Path:
 
 def test_predict_on_a_folder_of_two_images(tmp_path: Path, folder: Path) -> None:
     torch.manual_seed(0)
-    model = DETR(3, BACKBONE, d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
-                 dim_feedforward=32, num_queries=8)  # fmt: skip
+    model = make_module(DETR, 3, BACKBONE, d_model=32, nhead=4, num_encoder_layers=1,
+                        num_decoder_layers=1, dim_feedforward=32, num_queries=8)  # fmt: skip
     ckpt = save(model, tmp_path / "m.ckpt", label_to_category_id=[5, 7, 9],
                 class_names=["cat", "dog", "owl"])  # fmt: skip
     out = tmp_path / "out"
@@ -83,7 +84,9 @@ def test_predict_threshold_resize_and_errors(
     torch.manual_seed(0)
     backbone = BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8])
     sizes = dict(hidden_dim=32, encoder_dim=32, encoder_dim_feedforward=32, dim_feedforward=32)
-    model = RTDETRv2(2, backbone, num_queries=6, num_decoder_layers=1, num_select=6, **sizes)
+    model = make_module(
+        RTDETRv2, 2, backbone, num_queries=6, num_decoder_layers=1, num_select=6, **sizes
+    )
     ckpt = save(model, tmp_path / "r.ckpt")
     out = tmp_path / "out"
     main(["predict", "--ckpt_path", str(ckpt), "--images", str(folder / "a.png"),

@@ -16,6 +16,7 @@ from detr_lineage.data.toy_shapes import ToyShapesDataModule
 from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DNDETR
 from detr_lineage.nn.backbone import BackboneConfig
+from tests.helpers import make_module
 
 STEPS = 8  # 2 epochs of 4 batches
 
@@ -31,7 +32,8 @@ class Record(L.Callback):
 
 def fit(tmp_path, name: str, max_steps: int, every: int | None = None, ckpt=None):
     L.seed_everything(0)
-    module = DNDETR(
+    module = make_module(
+        DNDETR,
         6,
         backbone=BackboneConfig("conv", channels=[8, 8, 8, 8], return_strides=[16]),
         d_model=16,

@@ -137,7 +137,7 @@ def test_explain_bad_input_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "model:\n  class_path: detr_lineage.lit.DETR\n"
-        "  init_args:\n    num_classes: 6\n    bogus_key: 3\n"
+        "  init_args:\n    net:\n      num_classes: 6\n    bogus_key: 3\n"
     )
     with pytest.raises(SystemExit) as err:
         cli.main(["explain", "--config", str(bad)])

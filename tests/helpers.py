@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule
 
 from detr_lineage.cli import DetrLineageCLI
@@ -49,9 +50,15 @@ def parse(*configs: str | Path, args: tuple[str, ...] = ()):
 
 
 def model_class(config) -> type:
+    """The LightningModule class of a parsed config, or of a YAML file (read without the
+    parser, so that collecting the tests never fails on a bad config)."""
     import importlib
 
-    module, _, name = config.model.class_path.rpartition(".")
+    if isinstance(config, Path):
+        class_path = yaml.safe_load(config.read_text())["model"]["class_path"]
+    else:
+        class_path = config.model.class_path
+    module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 

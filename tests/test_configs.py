@@ -17,7 +17,7 @@ from detr_lineage.analysis.ablate import expand, load_spec, sweep_config
 from .helpers import CLI_CONFIGS, NO_DENOISING, ROOT, build, parse, takes_denoising
 
 CASES = [(p, False) for p in CLI_CONFIGS]
-CASES += [(p, True) for p in CLI_CONFIGS if takes_denoising(parse(p)[1])]
+CASES += [(p, True) for p in CLI_CONFIGS if takes_denoising(p)]
 
 
 def _id(case) -> str:
@@ -198,6 +198,8 @@ def test_coco_optimisation_is_official(name):
     hp = model.hparams
     assert (hp.lr, hp.lr_backbone, hp.weight_decay) == (lr, lr_bb, wd)
     assert (hp.no_decay_on_norm, hp.warmup_steps, hp.lr_gamma) == (no_wd_norm, warmup, 0.1)
+    # the official M* config alone also exempts encoder/decoder biases from weight decay
+    assert bool(hp.get("no_decay_on_bias")) == (name == "rtdetrv2_r34")
     assert [d for d in (hp.lr_drop_epochs or []) if d < epochs] == drops
     assert tuple(hp.betas) == (0.9, 0.999)
     assert config.trainer.max_epochs == epochs and config.trainer.gradient_clip_val == clip

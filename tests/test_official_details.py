@@ -145,3 +145,24 @@ def test_rtdetrv2_multiscale_batches_as_the_official_collate() -> None:
     assert dm.on_after_batch_transfer(batch, 0)["images"] is images
     dm.trainer = types.SimpleNamespace(training=False, current_epoch=0)  # evaluation
     assert dm.on_after_batch_transfer(batch, 0)["images"] is images
+
+
+def test_dn_detr_transformer_uses_xavier_init_and_zero_box_head() -> None:
+    """Official DN-DETR: xavier on every matrix of its Transformer (encoder, decoder layers,
+    query-scale / reference-point / anchor heads); the box head's last layer stays zero."""
+    import math
+
+    from detr_lineage.models.dn_detr import DNDETRConfig, DNDETRNet
+
+    torch.manual_seed(0)
+    backbone = BackboneConfig(name="conv", channels=[8, 16], return_strides=[4])
+    net = DNDETRNet(DNDETRConfig(3, backbone, d_model=64, nhead=4, num_encoder_layers=1,
+                                 num_decoder_layers=2, dim_feedforward=512, num_queries=5))  # fmt: skip
+    parts = [net.decoder.layers, net.decoder.query_pos_head, net.encoder.pos_scale]
+    matrices = [p for part in parts for p in part.parameters() if p.dim() == 2]
+    assert len(matrices) > 10
+    for w in matrices:
+        fan_out, fan_in = w.shape
+        xavier = math.sqrt(6 / (fan_in + fan_out))
+        assert 0.8 * xavier < w.abs().max().item() <= xavier, tuple(w.shape)
+    assert not net.box_head.layers[-1].weight.any() and not net.box_head.layers[-1].bias.any()

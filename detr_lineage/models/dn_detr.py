@@ -119,6 +119,12 @@ class DNDETRNet(nn.Module):
             query_pos_head=AnchorQueryPosition(d_model),
             box_heads=[self.box_head] * num_decoder_layers,
         )
+        # the official Transformer's init: xavier on every matrix of the encoder and decoder
+        # (layers, query-scale and anchor heads); the box head, outside it, keeps its zeros
+        for part in (self.decoder.layers, self.decoder.query_pos_head, self.encoder.pos_scale):
+            for p in part.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
         self.anchors = nn.Embedding(cfg.num_queries, 4)  # logits of (cx, cy, w, h)
         # label embedding + 1 indicator bit; index num_classes = "unknown" (matching queries)
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)

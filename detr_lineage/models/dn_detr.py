@@ -10,8 +10,10 @@ Differences from DETR, all from the papers / official code:
   content is the embedding of an extra "unknown" class plus a 0 indicator bit;
 - with ``denoising`` set, noised ground-truth queries (label embedding + 1 indicator bit) run
   through the same decoder under the group attention mask (``denoising.py``).
-Documented simplification: self-attention projects (content + position) with one matrix per
-q/k (standard multi-head attention), where DAB-DETR has separate content/position projections.
+Documented simplifications (docs/architecture.md): self-attention projects (content + position)
+with one matrix per q/k (standard multi-head attention), where DAB-DETR has separate
+content/position projections; references are refined from the normed state and detached
+before the box output (official: un-normed state, undetached reference in the box output).
 """
 
 from __future__ import annotations

@@ -156,8 +156,8 @@ def test_dn_detr_transformer_uses_xavier_init_and_zero_box_head() -> None:
 
     torch.manual_seed(0)
     backbone = BackboneConfig(name="conv", channels=[8, 16], return_strides=[4])
-    net = DNDETRNet(DNDETRConfig(3, backbone, d_model=64, nhead=4, num_encoder_layers=1,
-                                 num_decoder_layers=2, dim_feedforward=512, num_queries=5))  # fmt: skip
+    sizes = dict(d_model=64, nhead=4, num_encoder_layers=1, num_decoder_layers=2)
+    net = DNDETRNet(DNDETRConfig(3, backbone, dim_feedforward=512, num_queries=5, **sizes))
     parts = [net.decoder.layers, net.decoder.query_pos_head, net.encoder.pos_scale]
     matrices = [p for part in parts for p in part.parameters() if p.dim() == 2]
     assert len(matrices) > 10

@@ -1,6 +1,6 @@
 """Denoising queries: mask, noise bounds, flip rate, bookkeeping, no leakage, empty batches.
 
-The network-level tests run for every variant with denoising: DETR, DN-DETR and RT-DETRv2.
+The network-level tests run for every variant with denoising: DETR, DN-DETR, RT-DETRv2, DINO.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from detr_lineage.denoising import (
 )
 from detr_lineage.matcher import HungarianMatcher
 from detr_lineage.models.detr import DenoisingQueryPosition, DETRConfig, DETRNet
+from detr_lineage.models.dino import DINOConfig, DINONet
 from detr_lineage.models.dn_detr import DNDETRConfig, DNDETRNet
 from detr_lineage.models.rtdetr_v2 import RTDETRv2Config, RTDETRv2Net
 from detr_lineage.nn.backbone import BackboneConfig
@@ -131,9 +132,19 @@ def test_label_flip_rate_matches_config():
 
 
 def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_classes: int = 4):
-    """A tiny network of ``variant`` (detr | dn_detr | rtdetr_v2) with 5 matching queries."""
+    """A tiny network of ``variant`` (detr | dn_detr | rtdetr_v2 | dino), 5 matching queries."""
     torch.manual_seed(0)
     common = dict(num_classes=num_classes, nhead=4, num_decoder_layers=2, dim_feedforward=64)
+    if variant == "dino":
+        backbone = BackboneConfig("conv", channels=[8, 16, 32, 32], return_strides=[4, 8, 16])
+        return DINONet(DINOConfig(
+            backbone=backbone,
+            d_model=32,
+            num_encoder_layers=1,
+            num_queries=5,
+            denoising=denoising,
+            **common,
+        ))  # fmt: skip
     if variant == "rtdetr_v2":
         backbone = BackboneConfig("conv", channels=[8, 16, 32, 32], return_strides=[4, 8, 16])
         return RTDETRv2Net(RTDETRv2Config(
@@ -160,17 +171,17 @@ def tiny_net(denoising: DenoisingConfig | None, variant: str = "dn_detr", num_cl
 
 
 def criterion(variant: str, num_classes: int = 4) -> SetCriterion:
-    """Each variant's own class loss (DETR: CE + eos_coef, DN-DETR: focal, RT-DETRv2: VFL)."""
+    """Each variant's class loss (DETR: CE + eos_coef, DN-DETR / DINO: focal, RT-DETRv2: VFL)."""
     if variant == "detr":
         return SetCriterion(num_classes, HungarianMatcher(1, 5, 2, "softmax"), "ce", 1, 5, 2, 0.1)
-    if variant == "dn_detr":
+    if variant in ("dn_detr", "dino"):
         matcher = HungarianMatcher(2, 5, 2, "focal")
         return SetCriterion(num_classes, matcher, "focal", 1, 5, 2, alpha=0.25, gamma=2)
     matcher = HungarianMatcher(2, 5, 2, "focal")
     return SetCriterion(num_classes, matcher, "vfl", 1, 5, 2, alpha=0.75, gamma=2)
 
 
-VARIANTS = ["detr", "dn_detr", "rtdetr_v2"]
+VARIANTS = ["detr", "dn_detr", "rtdetr_v2", "dino"]
 IMAGES, MASKS = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
 
 
@@ -269,7 +280,7 @@ def recompute_dn_losses(variant: str, out: dict, targets: list[dict], cfg: Denoi
 
 @pytest.mark.parametrize(
     "variant,contrastive",
-    [("detr", False), ("detr", True), ("dn_detr", False), ("dn_detr", True)],
+    [(v, c) for v in ("detr", "dn_detr", "dino") for c in (False, True)],
 )
 def test_dn_loss_equals_slot_by_slot_recomputation(variant, contrastive):
     """Recompute the DN terms slot by slot from the clean targets, without the meta indices."""

@@ -114,7 +114,9 @@ def make(name: str, **override):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_argument_has_a_wiring_check(name):
     cls, kw = VARIANTS[name]
-    args = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "kwargs"}
+    own = cls.__mro__[: cls.__mro__.index(DETR.__mro__[1])]  # up to DetectionModule
+    args = set().union(*(inspect.signature(c.__init__).parameters for c in own))
+    args -= {"self", "net", "kwargs"}
     args |= {f.name for f in dataclasses.fields(cls.net_config)} - {"num_classes"}
     missing = args - set(kw)
     assert not missing, f"{cls.__name__} arguments without a wiring check here: {missing}"

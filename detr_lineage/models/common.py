@@ -1,6 +1,9 @@
-"""Parts the variants share: input normalisation and the single-scale encoder."""
+"""Parts the variants share: input normalisation, the single-scale encoder, and the pieces
+Deformable DETR and DINO share (multi-scale trunk, decoder layers, focal heads)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.backbone import BackboneConfig, build_backbone
 from ..nn.position import sine_position_encoding_2d
-from ..nn.transformer import MLP, EncoderLayer, Memory
+from ..nn.transformer import MLP, DecoderLayer, DeformableCrossAttention, EncoderLayer, Memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,3 +98,33 @@ class SingleScaleEncoder(nn.Module):
         if self.norm is not None:
             src = self.norm(src)
         return Memory(src, pos, key_mask, [tuple(feat.shape[-2:])])
+
+
+def multiscale_backbone() -> BackboneConfig:
+    """ResNet-50, strides 8/16/32 (C3-C5), layer2-4 trained, frozen BN (Deformable DETR, DINO)."""
+    return BackboneConfig(name="resnet50", return_strides=[8, 16, 32])
+
+
+def deformable_decoder_layers(cfg) -> list[DecoderLayer]:
+    """Deformable DETR / DINO decoder layers: self-attention, deformable cross-attention, FFN."""
+    return [
+        DecoderLayer(
+            DeformableCrossAttention(cfg.d_model, cfg.nhead, cfg.num_levels, cfg.num_points),
+            cfg.d_model,
+            cfg.nhead,
+            cfg.dim_feedforward,
+            cfg.dropout,
+            "relu",
+        )
+        for _ in range(cfg.num_decoder_layers)
+    ]
+
+
+def focal_heads(d_model: int, num_classes: int) -> tuple[nn.Linear, MLP]:
+    """Class head with the focal prior bias (0.01) and box MLP with a zero last layer."""
+    class_head = nn.Linear(d_model, num_classes)
+    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))
+    box_head = MLP(d_model, d_model, 4, 3)
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    return class_head, box_head

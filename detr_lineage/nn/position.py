@@ -44,10 +44,11 @@ def sine_position_encoding_2d(
 def sine_encoding_of_boxes(
     boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi
 ) -> Tensor:
-    """DAB-DETR's encoding of boxes ``[..., 4]`` (cx, cy, w, h in [0,1]) -> ``[..., 4F]``.
+    """DAB-DETR's encoding of boxes ``[..., 4]`` (cx, cy, w, h in [0,1]) -> ``[..., 4F]``, or of
+    points ``[..., 2]`` (cx, cy; Conditional DETR) -> ``[..., 2F]``.
 
     The order follows DAB-DETR, (cy, cx, w, h): the first 2F channels encode the centre alone.
     """
-    cx, cy, w, h = (boxes[..., i] * scale for i in range(4))
-    parts = [cy, cx, w, h][: boxes.shape[-1]]
+    parts = [boxes[..., i] * scale for i in range(boxes.shape[-1])]  # cx, cy(, w, h)
+    parts[0], parts[1] = parts[1], parts[0]
     return torch.cat([sine_encoding(p, num_feats, temperature) for p in parts], -1)

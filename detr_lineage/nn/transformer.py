@@ -105,13 +105,26 @@ class Memory:
     """What the decoder attends to: flattened encoder output and its layout.
 
     ``value [B,S,d]``; ``pos [B,S,d]`` (dense/conditional attention only); ``padding_mask [B,S]``
-    True = padding; ``spatial_shapes`` the (h, w) of each level, levels concatenated in order.
+    True = padding; ``spatial_shapes`` the (h, w) of each level, levels concatenated in order;
+    ``valid_ratios [B,L,2]`` the unpadded (w, h) fraction of each level (Deformable DETR):
+    deformable cross-attention then maps image-normalised references onto each padded level.
     """
 
     value: Tensor
     pos: Tensor | None = None
     padding_mask: Tensor | None = None
     spatial_shapes: Sequence[tuple[int, int]] | None = None
+    valid_ratios: Tensor | None = None
+
+
+def refine_boxes(delta: Tensor, ref: Tensor) -> Tensor:
+    """``sigmoid(delta + logit(ref))``: box-head output ``[...,4]`` on a reference box
+    ``[...,4]`` or point ``[...,2]`` (then only the centre has a reference, as in Conditional
+    and Deformable DETR)."""
+    logit = inverse_sigmoid(ref)
+    if ref.shape[-1] == 2:
+        logit = F.pad(logit, (0, 2))
+    return torch.sigmoid(delta + logit)
 
 
 class DenseCrossAttention(nn.Module):
@@ -216,6 +229,9 @@ class DeformableCrossAttention(nn.Module):
     ) -> Tensor:
         if ref_boxes is None or memory.spatial_shapes is None:
             raise ValueError("deformable cross-attention needs ref_boxes and memory.spatial_shapes")
+        if memory.valid_ratios is not None:  # [B,Q,C] -> [B,Q,L,C] on each level's valid part
+            ratios = memory.valid_ratios.repeat(1, 1, ref_boxes.shape[-1] // 2)
+            ref_boxes = ref_boxes[:, :, None] * ratios[:, None]
         return self.attn(
             _with_pos(query, query_pos),
             ref_boxes,
@@ -225,12 +241,30 @@ class DeformableCrossAttention(nn.Module):
         )
 
 
+class ContentPositionProjection(nn.Module):
+    """Conditional DETR's self-attention inputs: content and position projected apart, then
+    summed (``q = W_qc x + W_qp pos``, ``k = W_kc x + W_kp pos``, ``v = W_v x``), before the
+    attention's own projections (as the official layer)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        names = ("q_content", "q_pos", "k_content", "k_pos", "v")
+        self.proj = nn.ModuleDict({n: nn.Linear(d_model, d_model) for n in names})
+
+    def forward(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.proj
+        q = p["q_content"](x) + p["q_pos"](pos)
+        return q, p["k_content"](x) + p["k_pos"](pos), p["v"](x)
+
+
 class DecoderLayer(nn.Module):
     """Self-attention among queries, cross-attention to the memory, FFN.
 
     ``cross_attn`` is any module called as ``cross_attn(query, query_pos, memory, ref_boxes,
     cross_pos)``; it is what distinguishes DETR, DAB/DN-DETR and RT-DETRv2 decoders.
     ``self_attn_mask`` (bool, True = blocked, ``[Q,Q]``) keeps denoising groups apart.
+    ``split_self_attn_proj``: project content and position apart before self-attention
+    (``ContentPositionProjection``, Conditional DETR).
     """
 
     def __init__(
@@ -242,9 +276,11 @@ class DecoderLayer(nn.Module):
         dropout: float = 0.1,
         activation: str = "relu",
         normalize_before: bool = False,
+        split_self_attn_proj: bool = False,
     ) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.sa_proj = ContentPositionProjection(d_model) if split_self_attn_proj else None
         self.cross_attn = cross_attn
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
@@ -265,6 +301,8 @@ class DecoderLayer(nn.Module):
         pre = self.normalize_before
         y = self.norm1(tgt) if pre else tgt
         q = k = _with_pos(y, query_pos)
+        if self.sa_proj is not None and query_pos is not None:
+            q, k, y = self.sa_proj(y, query_pos)
         y = self.self_attn(q, k, y, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = tgt + self.dropout1(y)
         if not pre:
@@ -283,7 +321,8 @@ class Decoder(nn.Module):
     afterwards from the returned states. With ``box_heads`` (one per layer; the same module may
     repeat to share it) each layer refines reference boxes: ``box_l = sigmoid(head_l(h_l) +
     logit(ref_l))``, and ``ref_{l+1} = box_l.detach()``. ``query_pos_head(ref, tgt, layer)``
-    returns the (self-attention pos, cross-attention pos or None) of the current references.
+    returns the (self-attention pos or None = keep the given ``query_pos``, cross-attention pos
+    or None) of the current references; references may be points ``[B,Q,2]`` (``refine_boxes``).
     ``look_forward_twice`` (DINO, RT-DETR) computes box_l in training from the undetached
     box_{l-1}, so a layer's loss also trains the previous layer's box head.
     """
@@ -321,15 +360,16 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers[:num_layers]):
             cross_pos = None
             if self.query_pos_head is not None:
-                query_pos, cross_pos = self.query_pos_head(ref_boxes, tgt, i)
+                pos, cross_pos = self.query_pos_head(ref_boxes, tgt, i)
+                query_pos = query_pos if pos is None else pos
             tgt = layer(tgt, query_pos, memory, ref_boxes, cross_pos, self_attn_mask)
             state = tgt if self.norm is None else self.norm(tgt)
             states.append(state)
             if self.box_heads is not None:
                 delta = self.box_heads[i](state)
-                box = torch.sigmoid(delta + inverse_sigmoid(ref_boxes))
+                box = refine_boxes(delta, ref_boxes)
                 if self.look_forward_twice and self.training and prev_box is not None:
-                    boxes.append(torch.sigmoid(delta + inverse_sigmoid(prev_box)))
+                    boxes.append(refine_boxes(delta, prev_box))
                 else:
                     boxes.append(box)
                 prev_box = box

@@ -1,0 +1,145 @@
+"""DINO (Zhang et al. 2022): the Deformable DETR body with three additions.
+
+- contrastive denoising (``denoising.py``, ``contrastive``): positive and negative noised
+  ground-truth queries, content = label embedding, reference = the noised box;
+- mixed query selection (``nn/multiscale.py: QuerySelection``): the top-k encoder tokens give
+  the queries' reference boxes (detached), their content is learned (``tgt_embed``);
+- look-forward-twice (``Decoder(look_forward_twice=True)``): a layer's box is computed on the
+  previous layer's undetached box, so its loss also trains that box.
+Query positions are an MLP of the reference box's sine encoding (DAB-DETR), recomputed per
+layer; one class head and one box head serve every decoder layer (the encoder has its own).
+
+Documented simplification: a layer's next reference is refined from the normed decoder state
+(the official refines references from the un-normed state and predicts outputs from the normed
+one), as in ``models/dn_detr.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
+from ..nn.backbone import BackboneConfig
+from ..nn.multiscale import MultiScaleDeformableEncoder, QuerySelection
+from ..nn.outputs import split_layers
+from ..nn.position import sine_encoding_of_boxes
+from ..nn.transformer import MLP, Decoder
+from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NormalizedBackbone,
+    deformable_decoder_layers,
+    focal_heads,
+    multiscale_backbone,
+)
+
+
+def dino_denoising() -> DenoisingConfig:
+    """DINO's contrastive denoising: dn_number 100, label_noise_ratio 0.5 (a label flips with
+    probability 0.25), box_noise_scale 0.4 (DINO_4scale.py)."""
+    return DenoisingConfig(query_budget=100, label_noise=0.25, box_noise=0.4, contrastive=True)
+
+
+@dataclass
+class DINOConfig:
+    """DINO-4scale's network hyper-parameters (defaults: the official R50 model).
+
+    ``denoising=None`` turns contrastive denoising off. ``pe_temperature``: the encoder's sine
+    positions (DINO: 20).
+    """
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=multiscale_backbone)
+    d_model: int = 256
+    nhead: int = 8
+    num_levels: int = 4
+    num_points: int = 4
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    num_queries: int = 900
+    pe_temperature: float = 20.0
+    denoising: DenoisingConfig | None = field(default_factory=dino_denoising)
+    aux_loss: bool = True
+
+
+class SineBoxQueryPosition(nn.Module):
+    """DINO (DAB-Deformable-DETR): query position = MLP of the box's sine encoding."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+
+    def forward(self, ref: Tensor, tgt: Tensor, layer: int) -> tuple[Tensor, None]:
+        return self.ref_point_head(sine_encoding_of_boxes(ref, self.d_model // 2)), None
+
+
+class DINONet(nn.Module):
+    """DINO-4scale."""
+
+    def __init__(self, cfg: DINOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.num_classes, self.num_queries = cfg.num_classes, cfg.num_queries
+        self.denoising, self.aux_loss = cfg.denoising, cfg.aux_loss
+        self.backbone = NormalizedBackbone(cfg.backbone, IMAGENET_MEAN, IMAGENET_STD)
+        self.encoder = MultiScaleDeformableEncoder(
+            self.backbone.out_channels,
+            d,
+            cfg.nhead,
+            cfg.num_levels,
+            cfg.num_points,
+            cfg.num_encoder_layers,
+            cfg.dim_feedforward,
+            cfg.dropout,
+            pe_temperature=cfg.pe_temperature,
+        )
+        self.selection = QuerySelection(d, cfg.num_classes)
+        self.tgt_embed = nn.Embedding(cfg.num_queries, d)
+        nn.init.normal_(self.tgt_embed.weight)
+        self.class_head, self.box_head = focal_heads(d, cfg.num_classes)
+        n = cfg.num_decoder_layers
+        self.decoder = Decoder(
+            deformable_decoder_layers(cfg),
+            norm=nn.LayerNorm(d),
+            query_pos_head=SineBoxQueryPosition(d),
+            box_heads=[self.box_head] * n,
+            look_forward_twice=True,
+        )
+        for layer in self.decoder.layers:
+            for p in [*layer.self_attn.parameters(), *layer.ffn.parameters()]:
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # last row: padding slots
+
+    def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None) -> dict:
+        """-> ``pred_logits [B,K,C]``, ``pred_boxes``, aux, ``enc_outputs``; with DN, ``dn_*``."""
+        memory = self.encoder(self.backbone(images, masks), masks)
+        _, box_logits, enc = self.selection(memory, self.num_queries)
+        ref = box_logits.sigmoid()
+        tgt = self.tgt_embed.weight[None, : ref.shape[1]].expand(ref.shape[0], -1, -1)
+        dn = None
+        if self.training and targets is not None and self.denoising is not None:
+            dn = make_denoising_queries(targets, self.denoising, self.num_classes, ref.shape[1])
+            tgt = torch.cat([self.label_embed(dn.labels), tgt], 1)
+            ref = torch.cat([dn.boxes, ref], 1)
+        hs, boxes = self.decoder(
+            tgt, memory, ref_boxes=ref, self_attn_mask=None if dn is None else dn.attn_mask
+        )
+        logits = self.class_head(hs)
+        if dn is not None:
+            (logits, boxes), dn_outputs = split_denoising_outputs(
+                logits, boxes, dn.meta.num_queries, self.aux_loss
+            )
+        out = split_layers(logits, boxes, self.aux_loss)
+        if self.training:
+            out["enc_outputs"] = enc
+        if dn is not None:
+            out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
+        return out

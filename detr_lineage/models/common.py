@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.backbone import BackboneConfig, build_backbone
+from ..nn.multiscale import MultiScaleDeformableEncoder
 from ..nn.position import sine_position_encoding_2d
 from ..nn.transformer import MLP, DecoderLayer, DeformableCrossAttention, EncoderLayer, Memory
 
@@ -105,9 +106,27 @@ def multiscale_backbone() -> BackboneConfig:
     return BackboneConfig(name="resnet50", return_strides=[8, 16, 32])
 
 
+def deformable_body(cfg, pe_temperature: float = 10000.0) -> tuple[nn.Module, nn.Module]:
+    """Deformable DETR / DINO's trunk (ImageNet-normalised) and multi-scale deformable encoder."""
+    backbone = NormalizedBackbone(cfg.backbone, IMAGENET_MEAN, IMAGENET_STD)
+    encoder = MultiScaleDeformableEncoder(
+        backbone.out_channels,
+        cfg.d_model,
+        cfg.nhead,
+        cfg.num_levels,
+        cfg.num_points,
+        cfg.num_encoder_layers,
+        cfg.dim_feedforward,
+        cfg.dropout,
+        pe_temperature=pe_temperature,
+    )
+    return backbone, encoder
+
+
 def deformable_decoder_layers(cfg) -> list[DecoderLayer]:
-    """Deformable DETR / DINO decoder layers: self-attention, deformable cross-attention, FFN."""
-    return [
+    """Deformable DETR / DINO decoder layers: self-attention, deformable cross-attention, FFN
+    (xavier init but for the deformable attention's own)."""
+    layers = [
         DecoderLayer(
             DeformableCrossAttention(cfg.d_model, cfg.nhead, cfg.num_levels, cfg.num_points),
             cfg.d_model,
@@ -118,6 +137,11 @@ def deformable_decoder_layers(cfg) -> list[DecoderLayer]:
         )
         for _ in range(cfg.num_decoder_layers)
     ]
+    for layer in layers:
+        for p in [*layer.self_attn.parameters(), *layer.ffn.parameters()]:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    return layers
 
 
 def focal_heads(d_model: int, num_classes: int) -> tuple[nn.Linear, MLP]:

@@ -21,14 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.backbone import BackboneConfig
-from ..nn.multiscale import MultiScaleDeformableEncoder, QuerySelection
+from ..nn.multiscale import QuerySelection
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import Decoder, refine_boxes
 from .common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NormalizedBackbone,
+    deformable_body,
     deformable_decoder_layers,
     focal_heads,
     multiscale_backbone,
@@ -67,17 +65,7 @@ class DeformableDETRNet(nn.Module):
             cfg.num_queries,
             cfg.aux_loss,
         )
-        self.backbone = NormalizedBackbone(cfg.backbone, IMAGENET_MEAN, IMAGENET_STD)
-        self.encoder = MultiScaleDeformableEncoder(
-            self.backbone.out_channels,
-            d,
-            cfg.nhead,
-            cfg.num_levels,
-            cfg.num_points,
-            cfg.num_encoder_layers,
-            cfg.dim_feedforward,
-            cfg.dropout,
-        )
+        self.backbone, self.encoder = deformable_body(cfg)
         class_head, box_head = focal_heads(d, cfg.num_classes)
         n = cfg.num_decoder_layers
         # box refinement: one (class, box) head pair per layer; else one pair shared by all
@@ -87,10 +75,6 @@ class DeformableDETRNet(nn.Module):
         self.decoder = Decoder(
             deformable_decoder_layers(cfg), box_heads=self.box_heads if cfg.box_refine else None
         )
-        for layer in self.decoder.layers:
-            for p in [*layer.self_attn.parameters(), *layer.ffn.parameters()]:
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
         if cfg.two_stage:
             self.selection = QuerySelection(d, cfg.num_classes)
             self.pos_trans = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d))

@@ -23,14 +23,12 @@ from torch import Tensor, nn
 
 from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
 from ..nn.backbone import BackboneConfig
-from ..nn.multiscale import MultiScaleDeformableEncoder, QuerySelection
+from ..nn.multiscale import QuerySelection
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import MLP, Decoder
 from .common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NormalizedBackbone,
+    deformable_body,
     deformable_decoder_layers,
     focal_heads,
     multiscale_backbone,
@@ -88,18 +86,7 @@ class DINONet(nn.Module):
         d = cfg.d_model
         self.num_classes, self.num_queries = cfg.num_classes, cfg.num_queries
         self.denoising, self.aux_loss = cfg.denoising, cfg.aux_loss
-        self.backbone = NormalizedBackbone(cfg.backbone, IMAGENET_MEAN, IMAGENET_STD)
-        self.encoder = MultiScaleDeformableEncoder(
-            self.backbone.out_channels,
-            d,
-            cfg.nhead,
-            cfg.num_levels,
-            cfg.num_points,
-            cfg.num_encoder_layers,
-            cfg.dim_feedforward,
-            cfg.dropout,
-            pe_temperature=cfg.pe_temperature,
-        )
+        self.backbone, self.encoder = deformable_body(cfg, cfg.pe_temperature)
         self.selection = QuerySelection(d, cfg.num_classes)
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
         nn.init.normal_(self.tgt_embed.weight)
@@ -112,10 +99,6 @@ class DINONet(nn.Module):
             box_heads=[self.box_head] * n,
             look_forward_twice=True,
         )
-        for layer in self.decoder.layers:
-            for p in [*layer.self_attn.parameters(), *layer.ffn.parameters()]:
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # last row: padding slots
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None) -> dict:

@@ -69,6 +69,64 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout: float) -> Tensor:
+    """``F.scaled_dot_product_attention``, in fp32 on the CPU when given bf16/fp16 (autocast).
+
+    The CPU's reduced-precision attention kernels are slow (measured: the bf16 backward ~20x
+    the fp32 one), and these attention maps are small, so the cast costs less than it saves.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), allowed, dropout)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, allowed, dropout)
+
+
+def attention(
+    attn: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """``attn(query, key, value)[0]`` of a batch-first ``nn.MultiheadAttention``, computed directly.
+
+    Same parameters and result as the module, without its per-call overhead in training (mask
+    conversion and merging, three separate input GEMMs): when ``query is key`` (self-attention
+    with positions added to both) their projections are one GEMM, and the attention itself is
+    ``F.scaled_dot_product_attention``. Masks are bool with True = blocked: ``key_padding_mask
+    [B,S]``, ``attn_mask [Q,S]``.
+    """
+    b, q_len, d = query.shape
+    h = attn.num_heads
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    if query is key and key is value:
+        q, k, v = F.linear(query, w, bias).chunk(3, dim=-1)
+    elif query is key:
+        q, k = F.linear(query, w[: 2 * d], bias[: 2 * d]).chunk(2, dim=-1)
+        v = F.linear(value, w[2 * d :], bias[2 * d :])
+    else:
+        q = F.linear(query, w[:d], bias[:d])
+        k = F.linear(key, w[d : 2 * d], bias[d : 2 * d])
+        v = F.linear(value, w[2 * d :], bias[2 * d :])
+
+    def heads(x: Tensor) -> Tensor:  # [B,N,d] -> [B,h,N,d/h]
+        return x.unflatten(-1, (h, -1)).transpose(1, 2)
+
+    if key_padding_mask is not None and key_padding_mask.device.type == "cpu":
+        # no padding in the batch (toy data, RT-DETR's fixed size): drop the mask, which
+        # would otherwise keep SDPA on its slower masked path (a free check on the CPU)
+        key_padding_mask = key_padding_mask if bool(key_padding_mask.any()) else None
+    allowed = None  # SDPA's bool mask: True = may attend
+    if key_padding_mask is not None:
+        allowed = ~key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+    out = sdpa(heads(q), heads(k), heads(v), allowed, attn.dropout if attn.training else 0.0)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, q_len, d))
+
+
 class EncoderLayer(nn.Module):
     """Self-attention + FFN over ``[B,S,d]`` tokens; ``pos`` is added to queries and keys only."""
 
@@ -93,7 +151,7 @@ class EncoderLayer(nn.Module):
     ) -> Tensor:
         y = self.norm(src) if self.normalize_before else src
         q = k = _with_pos(y, pos)
-        y = self.self_attn(q, k, y, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        y = attention(self.self_attn, q, k, y, key_padding_mask=key_padding_mask)
         src = src + self.dropout(y)
         if not self.normalize_before:
             src = self.norm(src)
@@ -142,13 +200,13 @@ class DenseCrossAttention(nn.Module):
         ref_boxes: Tensor | None = None,
         cross_pos: Tensor | None = None,
     ) -> Tensor:
-        return self.attn(
+        return attention(
+            self.attn,
             _with_pos(query, query_pos),
             _with_pos(memory.value, memory.pos),
             memory.value,
             key_padding_mask=memory.padding_mask,
-            need_weights=False,
-        )[0]
+        )
 
 
 class ConditionalCrossAttention(nn.Module):
@@ -199,9 +257,7 @@ class ConditionalCrossAttention(nn.Module):
         mask = None
         if memory.padding_mask is not None:
             mask = ~memory.padding_mask[:, None, None, :]  # True = may attend
-        out = F.scaled_dot_product_attention(
-            q, k, heads(self.v(memory.value)), mask, self.dropout if self.training else 0.0
-        )
+        out = sdpa(q, k, heads(self.v(memory.value)), mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, q_len, d))
 
 
@@ -303,7 +359,7 @@ class DecoderLayer(nn.Module):
         q = k = _with_pos(y, query_pos)
         if self.sa_proj is not None and query_pos is not None:
             q, k, y = self.sa_proj(y, query_pos)
-        y = self.self_attn(q, k, y, attn_mask=self_attn_mask, need_weights=False)[0]
+        y = attention(self.self_attn, q, k, y, attn_mask=self_attn_mask)
         tgt = tgt + self.dropout1(y)
         if not pre:
             tgt = self.norm1(tgt)

@@ -1,36 +1,79 @@
 """Train-step throughput and peak memory of the toy configs (a measurement, not a test).
 
     .venv/bin/python benchmarks/bench_train_step.py [--threads 2] [--steps 10]
+    .venv/bin/python benchmarks/bench_train_step.py --precision 32-true bf16-mixed
+    .venv/bin/python benchmarks/bench_train_step.py --fit --cases DETR RT-DETRv2 --rounds 2
 
 Each configuration runs in its own process (so peak RSS is its own): one fixed batch of the
 config's toy data, forward + loss + backward + AdamW step, median over ``--steps`` after 2
-warm-up steps. Data loading is excluded (it runs in loader workers during training).
+warm-up steps. Data loading is excluded (it runs in loader workers during training). With
+several ``--precision`` values the precisions alternate step by step in that process (ratios
+are robust to load from other processes). ``bf16-mixed`` is what Lightning does on a CPU: the
+step under ``torch.autocast("cpu", torch.bfloat16)`` (the loss turns it off itself).
+
+``--fit`` also times the real thing: ``detr-lineage fit`` on the config (same precision, its
+loggers, loader, gradient clipping and schedule; validation off) for ``--fit-steps`` steps,
+time per step read from the logged ``time/wall_s``; bare steps and fit runs alternate for
+``--rounds`` rounds, and the table gives fit's time per step / the bare step's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import multiprocessing as mp
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [
-    ("DETR", "experiments/toy/detr.yaml", True),
-    ("DN-DETR", "experiments/toy/dn_detr.yaml", True),
-    ("DN-DETR, denoising off (DAB-DETR)", "experiments/toy/dn_detr.yaml", False),
-    ("RT-DETRv2", "experiments/toy/rtdetr_v2.yaml", True),
-    ("RT-DETRv2, denoising off", "experiments/toy/rtdetr_v2.yaml", False),
-]
+CASES = {
+    "DETR": ("experiments/toy/detr.yaml", True),
+    "DN-DETR": ("experiments/toy/dn_detr.yaml", True),
+    "DAB-DETR": ("experiments/toy/dn_detr.yaml", False),
+    "RT-DETRv2": ("experiments/toy/rtdetr_v2.yaml", True),
+    "RT-DETRv2, DN off": ("experiments/toy/rtdetr_v2.yaml", False),
+}
 
 
-def measure(config: str, denoising: bool, threads: int, steps: int, queue: mp.Queue) -> None:
+def fit_time_per_step(config: str, denoising: bool, precision: str, steps: int) -> float:
+    """Seconds per training step of ``detr-lineage fit`` (validation off), from ``time/wall_s``."""
+    from detr_lineage.cli import main as cli_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["fit", "--config", str(ROOT / config), "--trainer.max_steps", str(steps)]
+        args += ["--trainer.limit_val_batches", "0", "--trainer.precision", precision]
+        args += ["--trainer.log_every_n_steps", "5", "--run.dir", tmp]
+        args += ["--trainer.enable_progress_bar", "false"]
+        if not denoising:
+            args += ["--model.init_args.denoising", "null"]
+        cli_main(args)
+        (metrics,) = Path(tmp).glob("*/version_*/metrics.csv")
+        rows = [r for r in csv.DictReader(metrics.open()) if r.get("time/wall_s")]
+    points = [(int(r["step"]), float(r["time/wall_s"])) for r in rows]
+    (s0, t0), (s1, t1) = points[1], points[-1]  # skip the first logged interval (warm-up)
+    return (t1 - t0) / (s1 - s0)
+
+
+def measure(
+    config: str,
+    denoising: bool,
+    threads: int,
+    steps: int,
+    precisions: list[str],
+    fit: bool,
+    fit_steps: int,
+    rounds: int,
+    queue: mp.Queue,
+) -> None:
     import torch
     import yaml
     from jsonargparse import ArgumentParser
 
+    from detr_lineage.data.toy_shapes import ToyShapesDataModule
     from detr_lineage.lit import DetectionModule
 
     torch.set_num_threads(threads)
@@ -42,44 +85,93 @@ def measure(config: str, denoising: bool, threads: int, steps: int, queue: mp.Qu
     parser.add_argument("--data", type=dict)
     init = parser.instantiate_classes(parser.parse_object({"model": cfg["model"]}))
     model = init.model
-    from detr_lineage.data.toy_shapes import ToyShapesDataModule
-
     dm = ToyShapesDataModule(**{**cfg["data"]["init_args"], "num_workers": 0})
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-4, fused=True)  # as in fit
     model.train()
-    times = []
-    for i in range(steps + 2):
+
+    def step(precision: str) -> float:
+        bf16 = precision.startswith("bf16")
+        autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
         t0 = time.perf_counter()
-        out = model.net(batch["images"], batch["masks"], batch["targets"])
-        model.criterion(out, batch["targets"])["loss"].backward()
+        with autocast:
+            out = model.net(batch["images"], batch["masks"], batch["targets"])
+            loss = model.criterion(out, batch["targets"])["loss"]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    fit_ratios: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(rounds if fit else 1):
+        round_times: dict[str, list[float]] = {p: [] for p in precisions}
+        for i in range(steps + 2):
+            for p in precisions:
+                t = step(p)
+                if i >= 2:
+                    round_times[p].append(t)
+        for p in precisions:
+            times[p] += round_times[p]
+            if fit:
+                per_step = fit_time_per_step(config, denoising, p, fit_steps)
+                fit_ratios[p].append(per_step / statistics.median(round_times[p]))
     params = sum(p.numel() for p in model.parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put((step, len(batch["targets"]) / step, params, peak_mb))
+    result = {
+        p: (statistics.median(times[p]), fit_ratios[p], len(batch["targets"])) for p in precisions
+    }
+    queue.put((result, params, peak_mb))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument(
+        "--precision", nargs="+", default=["32-true"], choices=["32-true", "bf16-mixed"]
+    )
+    parser.add_argument("--fit", action="store_true", help="also time `fit` per step")
+    parser.add_argument("--fit-steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2, help="bare/fit alternations (--fit)")
     args = parser.parse_args()
     print(f"torch threads: {args.threads}; median of {args.steps} steps; batch of the config\n")
-    print("| config | params | ms / step | images / s | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|")
+    header = "| config | params | precision | ms / step | images / s | peak RSS (MB) |"
+    line = "|---|---:|---|---:|---:|---:|"
+    if args.fit:
+        header += " fit / bare step |"
+        line += "---:|"
+    print(header)
+    print(line)
     ctx = mp.get_context("spawn")
-    for name, config, dn in CASES:
+    for name in args.cases:
+        config, dn = CASES[name]
         queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(config, dn, args.threads, args.steps, queue))
+        proc = ctx.Process(
+            target=measure,
+            args=(
+                config,
+                dn,
+                args.threads,
+                args.steps,
+                args.precision,
+                args.fit,
+                args.fit_steps,
+                args.rounds,
+                queue,
+            ),
+        )
         proc.start()
-        step, ips, params, peak = queue.get()
+        result, params, peak = queue.get()
         proc.join()
-        print(f"| {name} | {params / 1e6:.2f}M | {1000 * step:.0f} | {ips:.0f} | {peak:.0f} |")
+        for p, (step, ratios, bs) in result.items():
+            row = f"| {name} | {params / 1e6:.2f}M | {p} | {1000 * step:.0f} | {bs / step:.0f} "
+            row += f"| {peak:.0f} |"
+            if args.fit:
+                row += " " + ", ".join(f"{r:.2f}" for r in ratios) + " |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .lit import DetectionModule
 from .lit.base import nest_net_hparams
+from .precision import resolve_precision
 
 
 @dataclass
@@ -374,6 +375,10 @@ class DetrLineageCLI(LightningCLI):
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
+        if trainer_cfg.get("precision") is not None:  # bf16 only where the CPU has it
+            kwargs["precision"] = resolve_precision(
+                trainer_cfg["precision"], trainer_cfg.get("accelerator", "auto")
+            )
         return super().instantiate_trainer(**kwargs)
 
 

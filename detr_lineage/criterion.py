@@ -145,7 +145,16 @@ class SetCriterion(nn.Module):
         """All weighted terms and their sum ``loss`` for a network's ``outputs``.
 
         ``across_processes=False`` normalises by this process's own box count (evaluation,
-        where processes may run different numbers of batches and must not communicate)."""
+        where processes may run different numbers of batches and must not communicate).
+        Always in fp32: under mixed precision (``bf16-mixed``) the matcher's costs and every
+        loss term run with autocast off, on the outputs cast to float."""
+        device_type = outputs["pred_logits"].device.type
+        with torch.autocast(device_type, enabled=False):
+            return self._forward(outputs, targets, across_processes)
+
+    def _forward(
+        self, outputs: dict, targets: list[dict], across_processes: bool
+    ) -> dict[str, Tensor]:
         if across_processes:
             num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
         else:

@@ -208,6 +208,8 @@ class DetectionModule(L.LightningModule):
                 self._eval_losses[k] = total + float(v.detach()) * bs
             self._eval_losses_images += bs
             return outputs, losses
+        if not self._step_logs_written():
+            return outputs, losses
         log = {"on_step": True, "on_epoch": False, "batch_size": len(targets)}
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, **log)
         terms = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
@@ -228,11 +230,24 @@ class DetectionModule(L.LightningModule):
         for k, total in sums.items():
             self.log(f"{stage}/{k}", total / max(images, 1), prog_bar=k == "loss", sync_dist=False)
 
+    def _step_logs_written(self) -> bool:
+        """Whether values logged in this training step reach the loggers.
+
+        Lightning writes step values only every ``log_every_n_steps``, but each ``self.log``
+        call costs ~1-2 ms on the CPU (measured), ~5% of a toy step with ~12 loss terms: skip
+        the calls whose values would be overwritten unseen.
+        """
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         _, losses = self._loss(batch, "train")
-        self.log("time/wall_s", self._elapsed_before + time.perf_counter() - self._t0)
+        if self._step_logs_written():
+            self.log("time/wall_s", self._elapsed_before + time.perf_counter() - self._t0)
         return losses["loss"]
 
     def detections(self, outputs: dict, targets: list[dict]) -> list[dict]:
@@ -396,7 +411,13 @@ class DetectionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        groups = self.parameter_groups()
+        # the fused kernel: 3-4x faster than the default per-tensor loop on the CPU (README, Speed)
+        fused = {p.device.type for g in groups for p in g["params"]} <= {"cpu", "cuda"}
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        # A fused optimizer can also unscale a GradScaler's gradients itself; let the scaler do
+        # it, as for any optimizer, so that Lightning allows gradient clipping with it.
+        optimizer._step_supports_amp_scaling = False
         drops = sorted(hp.lr_drop_epochs or [])
         steps_per_epoch = 1
         if drops:

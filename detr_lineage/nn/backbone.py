@@ -131,6 +131,9 @@ class ConvTrunk(nn.Module):
             load_state_dict_file(self, cfg.weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        # channels-last: toy DETR steps 8-14% faster on the CPU (measured in fp32 and bf16;
+        # a ResNet-18 in fp32 was 18% slower, so only this trunk does it)
+        x = x.contiguous(memory_format=torch.channels_last)
         feats = []
         for layer in self.layers:
             x = layer(x)

@@ -49,7 +49,7 @@ def fit_time_per_step(config: str, denoising: bool, precision: str, steps: int) 
         args += ["--trainer.log_every_n_steps", "5", "--run.dir", tmp]
         args += ["--trainer.enable_progress_bar", "false"]
         if not denoising:
-            args += ["--model.init_args.denoising", "null"]
+            args += ["--model.init_args.net.denoising", "null"]
         cli_main(args)
         (metrics,) = Path(tmp).glob("*/version_*/metrics.csv")
         rows = [r for r in csv.DictReader(metrics.open()) if r.get("time/wall_s")]

@@ -32,6 +32,8 @@ from torch import nn
 
 from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DETR, RTDETRv2
+from detr_lineage.models.detr import DETRConfig
+from detr_lineage.models.rtdetr_v2 import RTDETRv2Config
 from detr_lineage.nn.backbone import BackboneConfig
 
 
@@ -50,7 +52,7 @@ class Case:
 
 # ---- DETR -------------------------------------------------------------------------------------
 def detr_ours(backbone: str, d: int, layers: int, ff: int, queries: int, classes: int, drop: float):
-    return DETR(
+    net = DETRConfig(
         num_classes=classes,
         backbone=BackboneConfig(name=backbone, trainable_layers=3, return_strides=[32]),
         d_model=d,
@@ -61,6 +63,7 @@ def detr_ours(backbone: str, d: int, layers: int, ff: int, queries: int, classes
         dropout=drop,
         num_queries=queries,
     )
+    return DETR(net)
 
 
 def detr_hf(backbone: str, d: int, layers: int, ff: int, queries: int, classes: int, drop: float):
@@ -104,7 +107,7 @@ class RTShape:
 
 
 def rtdetr_ours(s: RTShape) -> nn.Module:
-    return RTDETRv2(
+    net = RTDETRv2Config(
         num_classes=s.classes,
         backbone=BackboneConfig(
             name="resnet18vd", return_strides=[8, 16, 32], freeze_at=-1, frozen_bn=False
@@ -121,8 +124,8 @@ def rtdetr_ours(s: RTShape) -> nn.Module:
         denoising=DenoisingConfig(
             query_budget=s.dn_budget, label_noise=0.25, box_noise=1.0, contrastive=True
         ),
-        num_select=s.queries,
     )
+    return RTDETRv2(net, num_select=s.queries)
 
 
 def rtdetr_hf(s: RTShape) -> nn.Module:

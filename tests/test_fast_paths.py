@@ -90,11 +90,13 @@ def test_attention_dropout_only_in_training() -> None:
 def _toy_model(variant: str):
     from detr_lineage.denoising import DenoisingConfig
     from detr_lineage.lit import DETR, RTDETRv2
+    from detr_lineage.models.detr import DETRConfig
+    from detr_lineage.models.rtdetr_v2 import RTDETRv2Config
     from detr_lineage.nn.backbone import BackboneConfig
 
     torch.manual_seed(0)
     if variant == "detr":
-        return DETR(
+        net = DETRConfig(
             num_classes=3,
             backbone=BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[8]),
             d_model=32,
@@ -105,7 +107,8 @@ def _toy_model(variant: str):
             dropout=0.0,
             num_queries=6,
         )
-    return RTDETRv2(
+        return DETR(net)
+    net = RTDETRv2Config(
         num_classes=3,
         backbone=BackboneConfig(name="conv", channels=[8, 16, 32], return_strides=[2, 4, 8]),
         hidden_dim=32,
@@ -117,8 +120,8 @@ def _toy_model(variant: str):
         num_decoder_layers=2,
         dim_feedforward=64,
         denoising=DenoisingConfig(query_budget=8, contrastive=True),
-        num_select=6,
     )
+    return RTDETRv2(net, num_select=6)
 
 
 def _batch(size: int):

@@ -12,6 +12,7 @@ not comparable and never share an axis.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -147,20 +148,21 @@ def plot_denoising_class_loss(
             ax.plot([cross.on_steps], [cross.target], "o", color="tab:red", ms=6)
         ax.text(0.02, 0.03, crossing_label(cross), transform=ax.transAxes, fontsize=8, va="bottom")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ticker.LogFormatter())
-        ax.yaxis.set_minor_formatter(ticker.LogFormatter())
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:.2g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         kind = class_loss_kind(groups[on])
         ax.set_title(f"{variant_of(groups[on][0]) or on}: {metric} ({kind}, log)", fontsize=10)
         ax.set_xlabel("optimiser steps")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(
-        "Denoising on vs off: matching queries' class loss (EMA "
-        f"{smooth:g}, mean over seeds). Dashed: the off run's final value. One panel per "
-        "variant: CE / focal / varifocal values are not comparable across panels.",
-        fontsize=9,
+    note = (
+        f"Denoising on vs off: matching queries' class loss (EMA {smooth:g}, mean over seeds). "
+        "Dashed: the off run's final value; dotted: the first step where the on run reaches it. "
+        "One panel per variant: CE / focal / varifocal values are not comparable across panels."
     )
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.84, wspace=0.22)
+    fig.suptitle(textwrap.fill(note, width=int(12.5 * 5.5 * len(panels))), fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.74, wspace=0.22)
     return fig, found
 
 

@@ -389,6 +389,7 @@ EXTRA_COMMANDS = {
     "explain": "detr_lineage.explain",
     "convert": "detr_lineage.convert",
     "export": "detr_lineage.export",
+    "lineage": "detr_lineage.analysis.lineage",
 }
 
 

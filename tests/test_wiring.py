@@ -299,8 +299,13 @@ def _twin(config: str, dn_off: bool, seed: int = 7):
     return model
 
 
-TWINS = ["experiments/toy/dn_detr.yaml", "experiments/toy/rtdetr_v2.yaml"]
+TWINS = [
+    "experiments/toy/dn_detr.yaml",
+    "experiments/toy/rtdetr_v2.yaml",
+    "experiments/toy/dino.yaml",
+]
 TWINS += ["experiments/coco/dn_detr_r50.yaml", "experiments/coco/rtdetrv2_r18.yaml"]
+TWINS += ["experiments/coco/dino_r50.yaml"]
 
 
 @pytest.mark.parametrize("config", TWINS, ids=[c.split("/", 1)[1] for c in TWINS])
@@ -341,3 +346,78 @@ def test_detr_denoising_twin_shares_every_non_denoising_weight():
     with torch.no_grad():
         a, b = on.eval()(images, masks), off.eval()(images, masks)
     assert torch.equal(a["pred_logits"], b["pred_logits"])
+
+
+# -- the focal-loss variants added later (Conditional DETR, Deformable DETR, DINO) -------------
+FOCAL_LOSS = dict(LOSS, focal_alpha=0.35, focal_gamma=1.5, num_select=9)
+MULTI = BackboneConfig("conv", channels=[8, 16, 24, 40], return_strides=[4, 8, 16])
+FOCAL_VARIANTS = {
+    "conditional_detr": dict(
+        backbone=BackboneConfig("conv", channels=[8, 16, 24, 40], return_strides=[16]),
+        d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=48,
+        dropout=0.0, num_queries=7, aux_loss=True,
+    ),
+    "deformable_detr": dict(
+        backbone=MULTI, d_model=32, nhead=2, num_levels=4, num_points=2, num_encoder_layers=1,
+        num_decoder_layers=3, dim_feedforward=48, dropout=0.0, num_queries=7, box_refine=True,
+        two_stage=True, aux_loss=True,
+    ),
+    "dino": dict(
+        backbone=MULTI, d_model=32, nhead=2, num_levels=4, num_points=2, num_encoder_layers=1,
+        num_decoder_layers=3, dim_feedforward=48, dropout=0.0, num_queries=7,
+        pe_temperature=33.0, denoising=DN, aux_loss=True,
+    ),
+}  # fmt: skip
+
+
+def _focal_class(name: str):
+    import detr_lineage.lit as lit
+
+    return {
+        "conditional_detr": lit.ConditionalDETR,
+        "deformable_detr": lit.DeformableDETR,
+        "dino": lit.DINO,
+    }[name]
+
+
+@pytest.mark.parametrize("name", list(FOCAL_VARIANTS))
+def test_focal_variant_arguments_reach_matcher_criterion_postprocess_and_network(name):
+    cls = _focal_class(name)
+    kw = {**FOCAL_VARIANTS[name], **FOCAL_LOSS}
+    own = cls.__mro__[: cls.__mro__.index(DETR.__mro__[1])]
+    args = set().union(*(inspect.signature(c.__init__).parameters for c in own))
+    args -= {"self", "net", "kwargs"}
+    args |= {f.name for f in dataclasses.fields(cls.net_config)} - {"num_classes"}
+    assert not args - set(kw), f"{cls.__name__} arguments without a wiring check here"
+    torch.manual_seed(0)
+    module = make_module(cls, NC, **kw)
+    # matcher, criterion: the values given, and the same losses as a hand-built criterion
+    a, g = kw["focal_alpha"], kw["focal_gamma"]
+    costs = (kw["cost_class"], kw["cost_bbox"], kw["cost_giou"])
+    weights = (kw["weight_class"], kw["weight_bbox"], kw["weight_giou"])
+    ref = SetCriterion(NC, HungarianMatcher(*costs, "focal", a, g), "focal", *weights, 0.1, a, g)
+    m, c = module.criterion.matcher, module.criterion
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.class_cost) == (*costs, "focal")
+    assert (m.focal_alpha, m.focal_gamma, c.alpha, c.gamma) == (a, g, a, g)
+    assert c.weights == ref.weights and c.class_loss == "focal"
+    module.train()
+    targets = _targets()
+    out = module(torch.rand(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
+    assert ("dn_outputs" in out) == (kw.get("denoising") is not None)
+    assert ("enc_outputs" in out) == (name == "dino" or kw.get("two_stage", False))
+    got, want = c(out, targets), ref(out, targets)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    # network: queries, classes, decoder depth; post-processing: sigmoid top-num_select
+    assert out["pred_logits"].shape == (2, kw["num_queries"], NC)
+    assert len(out["aux_outputs"]) == kw["num_decoder_layers"] - 1
+    assert module.net.num_queries == kw["num_queries"]
+    assert (module.postprocess.mode, module.postprocess.num_select) == ("sigmoid", 9)
+    module.eval()
+    with torch.no_grad():
+        out = module(torch.rand(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    assert [len(d["scores"]) for d in module.detections(out, _targets())] == [9, 9]
+    # the network was built from exactly these values
+    for key, value in FOCAL_VARIANTS[name].items():
+        assert getattr(module.hparams.net, key) == value, key

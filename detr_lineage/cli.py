@@ -314,10 +314,19 @@ class DetrLineageCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if config else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        if config.get("model_from_checkpoint"):
-            super()._parse_ckpt_path()
-            return
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if config.get("model_from_checkpoint"):
+            hparams = dict(checkpoint.get("hyper_parameters") or {})
+            net_config = getattr(_import_class(hparams.get("_class_path")), "net_config", None)
+            if net_config is None or "net" in hparams:
+                super()._parse_ckpt_path()
+                return
+            # saved before `net` existed: nest the network's keys, then parse as Lightning does
+            hparams = nest_net_hparams({**hparams, "_instantiator": None}, net_config, ckpt_path)
+            del hparams["_instantiator"]
+            model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+            return
         differences = checkpoint_mismatch(checkpoint.get("hyper_parameters") or {}, config.model)
         if differences:
             raise CheckpointMismatchError(

@@ -95,3 +95,33 @@ def test_cli_mismatch_check_compares_a_flat_checkpoint_to_the_nested_config():
     assert checkpoint_mismatch(nested, config) == [
         "net.d_model: 16 in the checkpoint, 32 in the config"
     ]
+
+
+@pytest.mark.slow
+def test_cli_builds_a_flat_checkpoints_model_when_asked(tmp_path):
+    """``validate --ckpt_path old.ckpt --model_from_checkpoint=true``: the flat checkpoint's
+    model (its sizes, not the config's) is built and its weights evaluated."""
+    from detr_lineage.cli import main
+    from tests.test_cli import ROOT, TINY
+
+    torch.manual_seed(0)
+    flat = {**FLAT[DETR], "num_classes": 6}
+    module = make_module(DETR, **flat)
+    hparams = {"_class_path": "detr_lineage.lit.DETR", **_plain(flat)}
+    hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": lightning.__version__,
+            "model_class": "detr_lineage.lit.detr.DETR",
+        },
+        tmp_path / "old.ckpt",
+    )
+    args = ["validate", "--config", str(ROOT / "experiments/toy/detr.yaml"), *TINY]
+    args += [f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--run.dir={tmp_path}", "--run.name=r"]
+    with pytest.raises(Exception, match="net.d_model: 16 in the checkpoint, 128 in the config"):
+        main(args)
+    main([*args, "--model_from_checkpoint=true", "--trainer.enable_progress_bar=false"])
+    recorded = next(tmp_path.glob("r/**/validate_*/config.yaml")).read_text()
+    assert "d_model: 16" in recorded and "num_queries: 5" in recorded

@@ -154,8 +154,8 @@ def render(
         "Our GFLOPs are multiply-adds of our COCO config at random init for one image of "
         "800x1066 (the papers' average over COCO val at short side 800), 800x1280 for DINO "
         "(its benchmark's size) and 640x640 for RT-DETRv2, counted 2 per multiply-add as it "
-        "does; the toy train step is the median CPU time of one step (forward, loss, backward, "
-        "AdamW) of our toy config, batch 32 of 64 px images, measured round-robin.",
+        "does; the toy train step is the median CPU time of one fp32 step (forward, loss, "
+        "backward, AdamW) of our toy config, batch 32 of 64 px images, measured round-robin.",
         "",
         "| model | year | key trick | paper: COCO AP (epochs) | paper: FPS (GPU) "
         "| paper: params / GFLOPs | ours: params / GFLOPs (COCO config) "

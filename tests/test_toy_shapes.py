@@ -19,6 +19,7 @@ from detr_lineage.data import (
     collate_detection,
     get_preset,
 )
+from detr_lineage.data.toy_shapes import BRIGHT_MIN, DARK_MAX
 
 SMALL = 64  # image size for most tests: fast and still has every preset's structure
 
@@ -168,6 +169,23 @@ def test_simple_preset_draws_its_classes_counts_and_sizes() -> None:
     assert ToyShapesDataModule(preset="easy").num_classes == len(CLASS_NAMES)
     with pytest.raises(ValueError, match="num_classes"):
         ToyShapesConfig(num_classes=7)
+
+
+def test_dark_background_colours_and_same_layout() -> None:
+    """``dark_background``: background channels <= DARK_MAX, object pixels >= BRIGHT_MIN; the
+    scene layout (labels, boxes) is drawn from the same random numbers as without it."""
+    dark = replace(get_preset("simple"), image_size=64)
+    light = replace(dark, dark_background=False)
+    assert get_preset("simple").dark_background and not get_preset("easy").dark_background
+    for i in range(20):
+        image, t = ToyShapesDataset(dark, "train", 20, seed=3)[i]
+        _, t_light = ToyShapesDataset(light, "train", 20, seed=3)[i]
+        assert torch.equal(t["labels"], t_light["labels"])
+        assert torch.equal(t["boxes"], t_light["boxes"])
+        dim = (image <= DARK_MAX + 1e-6).all(0)  # [H,W] background pixels
+        bright = (image >= BRIGHT_MIN - 1e-6).all(0)  # [H,W] object pixels
+        assert bool((dim | bright).all()), f"image {i}: a pixel is neither background nor object"
+        assert bool(dim.any()) and bool(bright.any())
 
 
 @settings(max_examples=25, deadline=None)

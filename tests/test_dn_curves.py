@@ -70,6 +70,15 @@ def test_first_crossing_on_known_curves():
     assert again.on_steps == 51
 
 
+def test_first_crossing_counts_from_the_peak():
+    """A varifocal-like curve starts low, peaks, then falls: the early low values are not a
+    crossing; the first point after the peak at or below the target is."""
+    s = np.arange(100.0)
+    rise_fall = np.where(s < 20, 0.05 + 0.05 * s, 1.0 - 0.01 * (s - 19))  # peak 1.0 at step 20
+    c = first_crossing(s + 1, rise_fall, s + 1, np.full(100, 0.5))
+    assert c.on_steps == 70 and c.ratio == pytest.approx(0.70)  # 1 - 0.01 * 50 = 0.5 at s = 69
+
+
 def test_pairs_by_config_and_marker_on_seed_mean(runs_root):
     groups = group_runs(load_runs([runs_root]))
     assert sorted(denoising_pairs(groups)) == [("detr-on", "detr-off"), ("rt-on", "rt-off")]

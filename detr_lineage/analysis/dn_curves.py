@@ -93,13 +93,20 @@ class Crossing:
 def first_crossing(
     on_x: np.ndarray, on_y: np.ndarray, off_x: np.ndarray, off_y: np.ndarray
 ) -> Crossing:
-    """The first logged x of the on curve whose value is <= the off curve's last value."""
+    """The first logged x of the on curve, at or after its peak, whose value is <= the off
+    curve's last value.
+
+    Counting from the peak matters for varifocal loss (RT-DETRv2): its target is the IoU, so the
+    loss starts near zero while the boxes are still random, rises, and only then falls; an
+    early value below the target says nothing about convergence.
+    """
     order = np.argsort(off_x, kind="stable")
     off_x, off_y = np.asarray(off_x, float)[order], np.asarray(off_y, float)[order]
     target, off_steps = float(off_y[-1]), float(off_x[-1])
     order = np.argsort(on_x, kind="stable")
     on_x, on_y = np.asarray(on_x, float)[order], np.asarray(on_y, float)[order]
-    hits = np.flatnonzero(on_y <= target)
+    peak = int(np.argmax(on_y))
+    hits = peak + np.flatnonzero(on_y[peak:] <= target)
     if hits.size == 0:
         return Crossing(target, off_steps, None, None)
     step = float(on_x[hits[0]])

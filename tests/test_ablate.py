@@ -101,6 +101,11 @@ def test_list_axis_labels_and_selection():
         "d-dn_off-num_queries30-s3"
     ]
     assert select(runs, ["seed=4"]) == []
+    # a repeated key matches any of its values; other keys still all must match
+    both = ["model.init_args.net.num_queries=num_queries30", "model.init_args.net.num_queries="
+            "num_queries10"]  # fmt: skip
+    assert [r.name for r in select(runs, both)] == [r.name for r in runs]
+    assert select(runs, [*both, "seed=4"]) == []
     with pytest.raises(ValueError, match="key=value"):
         select(runs, ["seed"])
 

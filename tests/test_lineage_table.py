@@ -92,3 +92,36 @@ def test_our_size_column_uses_the_papers_counting():
     text = lineage.render(papers, sizes, {"dino": 0.5}, {}, [0.5])
     assert "| 46.88M / 276.7 | 500 ms |" in text
     assert "| 42.89M / 137.8 | - |" in text  # RT-DETR counts 2 per multiply-add
+
+
+def test_runs_of_several_directories_are_combined(tmp_path: Path):
+    """The main job's runs (DETR) beside the lineage spec's (DINO): one table; a directory that
+    holds neither group leaves the other rows as they are."""
+    main_dir, lineage_dir, empty = tmp_path / "toy_main", tmp_path / "toy_lineage", tmp_path / "e"
+    write_run(main_dir, "detr-dn_off", 0, {99: 0.2, 199: 0.6})
+    write_run(main_dir, "detr-dn_off", 1, {99: 0.05, 199: 0.3, 299: 0.55})
+    write_run(lineage_dir, "dino-dn_on", 0, {99: 0.0, 199: 0.15})
+    empty.mkdir()
+    out = tmp_path / "lineage.md"
+    main(["lineage", "--runs", str(main_dir), str(lineage_dir), str(empty), "--out", str(out),
+          "--no-sizes", "--thresholds", "0.1", "0.5"])  # fmt: skip
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.read_text().splitlines()}
+    assert rows["detr-dn_off"] == "| detr-dn_off | 150 ± 71 (2/2) | 250 ± 71 (2/2) |"
+    assert rows["dino-dn_on"] == "| dino-dn_on | 200 (1/1) | not reached (0/1) |"
+    assert rows["deformable_detr-dn_off"].endswith("| not run | not run |")
+
+
+def test_a_group_under_two_run_directories_or_a_missing_one_is_named(tmp_path: Path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, "detr-dn_off", 0, {99: 0.2})
+    write_run(b, "detr-dn_off", 1, {99: 0.2})
+    out = str(tmp_path / "lineage.md")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lineage", "--runs", str(a), str(b), "--out", out, "--no-sizes"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"run group detr-dn_off is under both {a} and {b}" in err
+    with pytest.raises(SystemExit):
+        main(["lineage", "--runs", str(a), str(tmp_path / "typo"), "--out", out, "--no-sizes"])
+    assert f"--runs: no directory {tmp_path / 'typo'}" in capsys.readouterr().err
+    assert not Path(out).exists()

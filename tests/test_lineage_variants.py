@@ -84,6 +84,8 @@ def test_coco_configs_use_the_official_settings(name):
     assert (hp.cost_class, hp.cost_bbox, hp.cost_giou) == (cost_class, 5.0, 2.0)
     assert (hp.weight_class, hp.weight_bbox, hp.weight_giou) == (weight_class, 5.0, 2.0)
     assert model.criterion.class_loss == "focal" and model.postprocess.num_select == select
+    # Deformable DETR main.py: sampling offsets and reference points at 0.1x lr; DINO: none
+    assert hp.lr_linear_proj_mult == (0.1 if name == "deformable_detr_r50" else 1.0)
     assert (net["num_queries"], net["dim_feedforward"], net["num_classes"]) == (queries, ff, 80)
     if name == "dino_r50":
         dn = model.net.denoising

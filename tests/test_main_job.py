@@ -38,10 +38,8 @@ def test_main_job_grid_is_three_variants_with_denoising_on_and_off():
     assert snapshot and '"steps": [200]' in snapshot[0]  # the notebook's early model
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("index", range(6))
-def test_every_main_job_run_starts_from_the_spec(index, tmp_path, monkeypatch):
-    run = planned()[index]
+def fit_one_step(run, tmp_path, monkeypatch) -> DetectionModule:
+    """The run's `fit` command as the ablation runner builds it, on shrunk data, one step."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     seen: list[DetectionModule] = []
@@ -56,8 +54,66 @@ def test_every_main_job_run_starts_from_the_spec(index, tmp_path, monkeypatch):
     argv = cmd[cmd.index("fit") :]
     main([*argv, *SMALL, "--trainer.fast_dev_run=true"])
     (model,) = seen
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(6))
+def test_every_main_job_run_starts_from_the_spec(index, tmp_path, monkeypatch):
+    run = planned()[index]
+    model = fit_one_step(run, tmp_path, monkeypatch)
     assert model.trainer.global_step == 1  # one optimiser step was taken
     assert (model.net.denoising is not None) == (run.denoising == "on")
     assert type(model).__name__ == {"detr": "DETR", "dn_detr": "DNDETR"}.get(
         run.variant, "RTDETRv2"
     )
+
+
+# -- the lineage spec: the main job's runs plus the variants it lacks ------------------------
+LINEAGE = ROOT / "experiments" / "ablations" / "toy_lineage.yaml"
+
+
+def planned_lineage():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return expand(load_spec(LINEAGE))
+    finally:
+        os.chdir(cwd)
+
+
+def without_tags(cmd: list[str]) -> list[str]:
+    """A run's command but its tags (which name the spec)."""
+    i = cmd.index("--run.tags")
+    return cmd[:i] + cmd[i + 2 :]
+
+
+def test_lineage_spec_runs_the_main_jobs_runs_alike():
+    """Every main-job run is in toy_lineage.yaml under its name with the same `fit` command
+    (configs, overrides, budget, checkpoints, snapshot), so `detr-lineage lineage --runs
+    runs/toy_main runs/toy_lineage` compares like with like; the lineage adds its variants."""
+    main_runs = {r.name: r for r in planned()}
+    lineage_runs = {r.name: r for r in planned_lineage()}
+    assert set(main_runs) <= set(lineage_runs)
+    for name, run in main_runs.items():
+        ours = lineage_runs[name]
+        assert without_tags(ours.command("out", 100)) == without_tags(run.command("out", 100))
+    extra = sorted(set(lineage_runs) - set(main_runs))
+    assert extra == [
+        "conditional_detr-dn_off-s0", "deformable_detr-dn_off-s0", "dino-dn_off-s0",
+        "dino-dn_on-s0",
+    ]  # fmt: skip
+    overrides = dict(lineage_runs["dino-dn_on-s0"].overrides)
+    assert overrides == dict(main_runs["rtdetr_v2-dn_on-s0"].overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["conditional_detr-dn_off-s0", "deformable_detr-dn_off-s0", "dino-dn_on-s0"]
+)
+def test_lineage_only_runs_start_from_the_spec(name, tmp_path, monkeypatch):
+    (run,) = [r for r in planned_lineage() if r.name == name]
+    model = fit_one_step(run, tmp_path, monkeypatch)
+    assert model.trainer.global_step == 1
+    assert (model.net.num_queries, model.num_classes) == (16, 3)
+    assert model.hparams.lr_linear_proj_mult == (0.1 if run.variant == "deformable_detr" else 1)

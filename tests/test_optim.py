@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from detr_lineage.data.toy_shapes import ToyShapesDataModule
-from detr_lineage.lit import DETR, RTDETRv2
+from detr_lineage.lit import DETR, DINO, ConditionalDETR, DeformableDETR, RTDETRv2
 from detr_lineage.lit.base import WarmupStepSchedule
 from detr_lineage.nn.backbone import BackboneConfig
+from detr_lineage.nn.deformable import MSDeformableAttention
 from tests.helpers import make_module
 
 
@@ -141,6 +142,7 @@ def test_rtdetr_parameter_groups_without_decay_on_norms():
         weight_decay=3e-4,
     )
     assert module.hparams.no_decay_on_norm and module.hparams.warmup_steps == 2000
+    assert module.hparams.lr_linear_proj_mult == 1.0  # official: no such group (optimizer.yml)
     groups = {g["name"]: g for g in module.parameter_groups()}
     assert set(groups) == {"backbone", "backbone_no_wd", "detector", "detector_no_wd"}
     norms = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
@@ -171,3 +173,68 @@ def test_rtdetr_parameter_groups_without_decay_on_norms():
         groups[g["name"]]["weight_decay"] for g in optimizer.param_groups
     ]
     assert optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+# -- Deformable DETR's 0.1x learning rate of the sampling offsets and reference points ------
+MULTI = BackboneConfig(name="conv", channels=[8, 8, 8, 8], return_strides=[4, 8, 16])
+TINY_DEFORMABLE = dict(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                       dim_feedforward=16, num_queries=5, num_points=2)  # fmt: skip
+
+
+def offset_and_reference_params(net: nn.Module) -> set[int]:
+    """Found by module, not by name: every deformable attention's sampling-offset projection
+    (encoder and decoder) and the decoder's reference-point projection, if any."""
+    attns = [m for m in net.modules() if isinstance(m, MSDeformableAttention)]
+    ids = {id(p) for m in attns for p in m.sampling_offsets.parameters()}
+    reference = getattr(net, "reference_points", None)
+    return ids | {id(p) for p in reference.parameters()} if reference is not None else ids
+
+
+@pytest.mark.parametrize("two_stage", [False, True], ids=["single_stage", "two_stage"])
+def test_deformable_detr_trains_offsets_and_reference_points_at_a_tenth(two_stage):
+    """Official main.py: params named *reference_points* or *sampling_offsets* at lr x 0.1 (the
+    two-stage model has no reference-point projection); AdamW gets exactly these groups."""
+    torch.manual_seed(0)
+    module = make_module(
+        DeformableDETR, 4, backbone=MULTI, two_stage=two_stage, box_refine=two_stage,
+        lr=2e-4, lr_backbone=2e-5, **TINY_DEFORMABLE,
+    )  # fmt: skip
+    assert module.hparams.lr_linear_proj_mult == 0.1
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert set(groups) == {"backbone", "detector", "detector_linear_proj"}
+    slow = offset_and_reference_params(module.net)
+    attns = [m for m in module.net.modules() if isinstance(m, MSDeformableAttention)]
+    assert len(attns) == 4 and len(slow) == 2 * 4 + (0 if two_stage else 2)
+    assert {id(p) for p in groups["detector_linear_proj"]["params"]} == slow
+    backbone = {id(p) for p in module.net.backbone.parameters() if p.requires_grad}
+    assert {id(p) for p in groups["backbone"]["params"]} == backbone
+    rest = {id(p) for p in module.net.parameters() if p.requires_grad} - slow - backbone
+    assert {id(p) for p in groups["detector"]["params"]} == rest
+    module._trainer = SimpleNamespace(max_epochs=1, estimated_stepping_batches=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"backbone": 2e-5, "detector": 2e-4, "detector_linear_proj": 2e-5})
+    assert all(g["weight_decay"] == 1e-4 for g in optimizer.param_groups)
+
+
+def test_dino_and_rtdetr_keep_the_offsets_at_the_full_lr_unless_asked():
+    """Official DINO (param_dict_type 'default') and RT-DETRv2 (optimizer.yml) have no such
+    group; DINO with the multiplier set moves its sampling offsets (it has no reference-point
+    projection); a network with neither is named in the error."""
+    torch.manual_seed(0)
+    dino = make_module(DINO, 4, backbone=MULTI, **TINY_DEFORMABLE)
+    assert dino.hparams.lr_linear_proj_mult == 1.0
+    assert {g["name"] for g in dino.parameter_groups()} == {"backbone", "detector"}
+    dino = make_module(DINO, 4, backbone=MULTI, lr_linear_proj_mult=0.5, **TINY_DEFORMABLE)
+    groups = {g["name"]: g for g in dino.parameter_groups()}
+    assert {id(p) for p in groups["detector_linear_proj"]["params"]} == (
+        offset_and_reference_params(dino.net)
+    )
+    assert groups["detector_linear_proj"]["lr"] == pytest.approx(0.5e-4)
+    conditional = make_module(
+        ConditionalDETR, 4, backbone=BackboneConfig("conv", channels=[8, 8], return_strides=[4]),
+        d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+        num_queries=5, lr_linear_proj_mult=0.1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="match no parameter of ConditionalDETRNet"):
+        conditional.parameter_groups()

@@ -368,6 +368,8 @@ FOCAL_VARIANTS = {
         pe_temperature=33.0, denoising=DN, aux_loss=True,
     ),
 }  # fmt: skip
+# module arguments a variant redeclares with its own default
+FOCAL_OWN = {"deformable_detr": dict(lr_linear_proj_mult=0.3)}
 
 
 def _focal_class(name: str):
@@ -383,7 +385,7 @@ def _focal_class(name: str):
 @pytest.mark.parametrize("name", list(FOCAL_VARIANTS))
 def test_focal_variant_arguments_reach_matcher_criterion_postprocess_and_network(name):
     cls = _focal_class(name)
-    kw = {**FOCAL_VARIANTS[name], **FOCAL_LOSS}
+    kw = {**FOCAL_VARIANTS[name], **FOCAL_LOSS, **FOCAL_OWN.get(name, {})}
     own = cls.__mro__[: cls.__mro__.index(DETR.__mro__[1])]
     args = set().union(*(inspect.signature(c.__init__).parameters for c in own))
     args -= {"self", "net", "kwargs"}
@@ -400,6 +402,9 @@ def test_focal_variant_arguments_reach_matcher_criterion_postprocess_and_network
     assert (m.cost_class, m.cost_bbox, m.cost_giou, m.class_cost) == (*costs, "focal")
     assert (m.focal_alpha, m.focal_gamma, c.alpha, c.gamma) == (a, g, a, g)
     assert c.weights == ref.weights and c.class_loss == "focal"
+    if "lr_linear_proj_mult" in kw:  # a default Deformable DETR changes: it reaches the groups
+        lrs = {group["name"]: group["lr"] for group in module.parameter_groups()}
+        assert lrs["detector_linear_proj"] == pytest.approx(1e-4 * kw["lr_linear_proj_mult"])
     module.train()
     targets = _targets()
     out = module(torch.rand(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool), targets)

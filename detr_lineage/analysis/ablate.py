@@ -314,10 +314,12 @@ class PlannedRun:
         return cmd
 
 
-def _matches(coords: dict[str, str], rule: dict[str, str]) -> bool:
+def _matches(coords: dict[str, str], rule: dict[str, Any]) -> bool:
+    """Whether ``coords`` has, for every key of ``rule``, its value (or one of its set)."""
     for key, value in rule.items():
-        want = _onoff(value) if key == "denoising" else str(value)
-        if coords.get(key) != want:
+        values = value if isinstance(value, set) else {value}
+        wants = {_onoff(v) if key == "denoising" else str(v) for v in values}
+        if coords.get(key) not in wants:
             return False
     return True
 
@@ -373,14 +375,15 @@ def expand(spec: Spec) -> list[PlannedRun]:
 
 
 def select(runs: Sequence[PlannedRun], only: Sequence[str]) -> list[PlannedRun]:
-    """Keep the runs matching every ``key=value`` (keys: variant, denoising, seed, group, name,
-    or an axis name)."""
-    rule = {}
+    """Keep the runs matching every key of ``key=value`` (keys: variant, denoising, seed, group,
+    name, or an axis name); a key given more than once matches any of its values
+    (``variant=dino variant=deformable_detr``)."""
+    rule: dict[str, set[str]] = {}
     for item in only:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--only takes key=value, got {item!r}")
-        rule[key.lstrip("-")] = value
+        rule.setdefault(key.lstrip("-"), set()).add(value)
     return [r for r in runs if _matches(r.axes(), rule)]
 
 

@@ -4,8 +4,8 @@ Paper columns come from ``docs/lineage_papers.yaml`` (each number with its sourc
 are measured here: parameters and multiply-adds of our COCO config (built on the meta device,
 one image of the paper's input size), CPU time of one training step of our toy config
 (``--step-time N`` steps each, round-robin over the variants in one process), and the steps
-each toy_lineage run group needed to reach each mAP@0.5 threshold (mean ± sample std over
-seeds, from the runs under ``--runs``).
+each toy run group needed to reach each mAP@0.5 threshold (mean ± sample std over seeds, from
+the runs under the ``--runs`` directories, e.g. ``runs/toy_main runs/toy_lineage``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ REQUIRED = ("name", "year", "venue", "trick", "results", "params_m", "gflops", "
 # the input our multiply-adds are counted at: the papers' 800-short-side average stand-in
 COUNT_SIZE = {"dino_r50": (800, 1280), "rtdetrv2_r50": (640, 640)}
 DEFAULT_SIZE = (800, 1066)
+DEFAULT_RUNS = "runs/toy_lineage"
 
 
 def load_papers(path: str | Path = PAPERS) -> list[dict]:
@@ -94,16 +95,34 @@ def toy_step_times(toys: Sequence[str], steps: int, rounds: int = 2) -> dict[str
 
 
 def steps_to_thresholds(
-    runs_dir: str | Path, thresholds: Sequence[float], metric: str = "val/map_50"
+    runs_dirs: str | Path | Sequence[str | Path],
+    thresholds: Sequence[float],
+    metric: str = "val/map_50",
 ) -> dict[str, dict[float, tuple[float, float, int, int]]]:
-    """Per run group: threshold -> (mean steps, std steps, seeds that reached it, seeds)."""
+    """Per run group: threshold -> (mean steps, std steps, seeds that reached it, seeds).
+
+    ``runs_dirs``: one or more directories of runs (e.g. the main job's and the lineage
+    spec's); a directory that does not exist has no runs. A group found under two of them is
+    an error (its seeds would count twice).
+    """
     from .runs import group_runs, load_runs
     from .summary import first_reach
 
-    if not Path(runs_dir).is_dir():
-        return {}
+    dirs = [runs_dirs] if isinstance(runs_dirs, str | Path) else list(runs_dirs)
+    groups: dict[str, list] = {}
+    found_in: dict[str, Path] = {}
+    for directory in map(Path, dirs):
+        if not directory.is_dir():
+            continue
+        for group, runs in group_runs(load_runs([directory])).items():
+            if group in found_in:
+                raise ValueError(
+                    f"run group {group} is under both {found_in[group]} and {directory}: "
+                    "pass only one of them (or move one group's runs away)"
+                )
+            found_in[group], groups[group] = directory, runs
     out: dict[str, dict[float, tuple[float, float, int, int]]] = {}
-    for group, runs in group_runs(load_runs([runs_dir])).items():
+    for group, runs in groups.items():
         per_t = {}
         for t in thresholds:
             steps = []
@@ -190,7 +209,8 @@ def render(
         "",
         "## Ours: optimiser steps to val mAP@0.5 on toy shapes",
         "",
-        "From the runs of `experiments/ablations/toy_lineage.yaml` (`detr-lineage ablate`): the "
+        "From the runs of `experiments/ablations/toy_main.yaml` and `toy_lineage.yaml` "
+        "(`detr-lineage ablate`; same overrides and wall-time budget, same group names): the "
         "optimiser steps at the first evaluation where val mAP@0.5 >= the threshold, mean ± "
         "sample std over the seeds that reached it (reached / seeds).",
         "",
@@ -211,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="detr-lineage lineage", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--papers", default=str(PAPERS), help="the paper numbers (YAML)")
-    parser.add_argument("--runs", default="runs/toy_lineage", help="toy_lineage run directory")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                        help="run directories, combined (default: runs/toy_lineage if it exists; "
+                        "e.g. runs/toy_main runs/toy_lineage)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "docs" / "lineage.md"))
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.5])
     parser.add_argument("--step-time", type=int, default=0, metavar="N",
@@ -223,11 +245,17 @@ def main(argv: list[str] | None = None) -> None:
         papers = load_papers(args.papers)
     except (OSError, ValueError) as err:
         parser.exit(2, f"detr-lineage lineage: error: {err}\n")
+    missing = [d for d in args.runs or [] if not Path(d).is_dir()]
+    if missing:
+        parser.exit(2, f"detr-lineage lineage: error: --runs: no directory {missing[0]}\n")
+    try:
+        steps = steps_to_thresholds(args.runs or [DEFAULT_RUNS], args.thresholds)
+    except ValueError as err:
+        parser.exit(2, f"detr-lineage lineage: error: {err}\n")
     ours = [p["ours"] for p in papers if p.get("ours")]
     sizes = {} if args.no_sizes else {o["coco"]: coco_size(o["coco"]) for o in ours}
     toys = list(dict.fromkeys(o["toy"] for o in ours if o.get("toy")))
     times = toy_step_times(toys, args.step_time) if args.step_time > 0 else {}
-    steps = steps_to_thresholds(args.runs, args.thresholds)
     text = render(papers, sizes, times, steps, args.thresholds, args.note)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

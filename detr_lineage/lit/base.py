@@ -61,7 +61,7 @@ def check_sizes(hparams: dict) -> None:
     dropout = hparams.get("dropout")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    for name in ("lr", "lr_backbone", "weight_decay"):
+    for name in ("lr", "lr_backbone", "weight_decay", "lr_linear_proj_mult"):
         if hparams.get(name) is not None and hparams[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {hparams[name]}")
 
@@ -123,8 +123,11 @@ class DetectionModule(L.LightningModule):
     the subclass adds only its matcher, loss and post-processing arguments, this class the
     optimiser's.
 
-    Optimiser: AdamW with the backbone at ``lr_backbone``; optionally no weight decay on norm
-    layers (RT-DETR) and on the encoder/decoder biases (``no_decay_on_bias``, RT-DETRv2-M*).
+    Optimiser: AdamW with the backbone at ``lr_backbone``; the parameters whose name contains
+    one of ``lr_linear_proj_names`` at ``lr`` x ``lr_linear_proj_mult`` (Deformable DETR: 0.1
+    for the sampling offsets and reference points; 1: no such group); optionally no weight
+    decay on norm layers (RT-DETR) and on the encoder/decoder biases (``no_decay_on_bias``,
+    RT-DETRv2-M*).
     Schedule, stepped every batch: linear warm-up over
     ``warmup_steps``, then x``lr_gamma`` at each epoch in ``lr_drop_epochs`` (DETR's StepLR).
     """
@@ -146,8 +149,14 @@ class DetectionModule(L.LightningModule):
         no_decay_on_norm: bool = False,
         no_decay_on_bias: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
+        lr_linear_proj_names: tuple[str, ...] = ("reference_points", "sampling_offsets"),
+        lr_linear_proj_mult: float = 1.0,
     ) -> None:
         super().__init__()
+        if isinstance(lr_linear_proj_names, str):
+            raise ValueError(
+                f"lr_linear_proj_names must be a list of name parts, got {lr_linear_proj_names!r}"
+            )
         self.save_hyperparameters()  # collects the subclass's arguments too
         num_classes = net.num_classes
         if num_classes < 1:
@@ -379,9 +388,11 @@ class DetectionModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Backbone at ``lr_backbone``; optionally norm parameters without weight decay."""
+        """Backbone at ``lr_backbone``; the ``lr_linear_proj_names`` parameters (when
+        ``lr_linear_proj_mult`` is not 1) in ``<group>_linear_proj`` groups at their group's lr x
+        the multiplier; optionally norm parameters without weight decay."""
         hp = self.hparams
-        groups: dict[tuple[bool, bool], list] = {}
+        groups: dict[tuple[bool, bool, bool], list] = {}
         norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
         no_decay = set()
         if hp.no_decay_on_norm:
@@ -394,19 +405,32 @@ class DetectionModule(L.LightningModule):
                 for n, p in self.net.named_parameters()
                 if n.endswith(".bias") and ".backbone." not in f".{n}"
             )
+        mult = hp.get("lr_linear_proj_mult", 1.0)
+        names = hp.get("lr_linear_proj_names") or ()
+        slow = set()
+        if mult != 1.0:  # Deformable DETR's sampling offsets / reference points
+            slow = {p for n, p in self.net.named_parameters() if any(k in n for k in names)}
+            if not slow:
+                raise ValueError(
+                    f"lr_linear_proj_names {list(names)} match no parameter of "
+                    f"{type(self.net).__name__}: give parts of its parameter names, or "
+                    "lr_linear_proj_mult: 1"
+                )
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
-            key = (".backbone." in f".{name}", p in no_decay)
+            key = (".backbone." in f".{name}", p in no_decay, p in slow)
             groups.setdefault(key, []).append(p)
         return [
             {
-                "name": ("backbone" if is_backbone else "detector") + ("_no_wd" if no_wd else ""),
+                "name": ("backbone" if is_backbone else "detector")
+                + ("_no_wd" if no_wd else "")
+                + ("_linear_proj" if is_slow else ""),
                 "params": params,
-                "lr": hp.lr_backbone if is_backbone else hp.lr,
+                "lr": (hp.lr_backbone if is_backbone else hp.lr) * (mult if is_slow else 1.0),
                 "weight_decay": 0.0 if no_wd else hp.weight_decay,
             }
-            for (is_backbone, no_wd), params in groups.items()
+            for (is_backbone, no_wd, is_slow), params in groups.items()
         ]
 
     def configure_optimizers(self) -> dict:

@@ -178,11 +178,35 @@ def split_denoising_outputs(
     return (logits[:, :, num_dn:], boxes[:, :, num_dn:]), dn
 
 
+def detector_outputs(
+    logits: Tensor,
+    boxes: Tensor,
+    aux: bool,
+    dn: DenoisingQueries | None = None,
+    enc_outputs: dict | None = None,
+) -> dict:
+    """Per-layer decoder outputs ``[L,B,N+Q,*]`` (``N`` = 0 without ``dn``) -> what the criterion
+    reads: the matching queries' last layer (``pred_logits``, ``pred_boxes``) and earlier layers
+    (``aux_outputs`` when ``aux``), ``enc_outputs`` when given (the encoder's proposals), and
+    with ``dn`` the denoising queries' outputs (``dn_outputs``) and ``dn_meta``."""
+    if dn is not None:
+        (logits, boxes), dn_outputs = split_denoising_outputs(
+            logits, boxes, dn.meta.num_queries, aux
+        )
+    out = split_layers(logits, boxes, aux)
+    if enc_outputs is not None:
+        out["enc_outputs"] = enc_outputs
+    if dn is not None:
+        out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
+    return out
+
+
 __all__ = [
     "DenoisingConfig",
     "DenoisingMeta",
     "DenoisingQueries",
     "attention_mask",
+    "detector_outputs",
     "make_denoising_queries",
     "noise_boxes",
     "split_denoising_outputs",

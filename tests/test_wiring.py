@@ -96,6 +96,8 @@ VARIANTS = {
             aux_loss=True,
             vfl_alpha=0.65,
             vfl_gamma=1.5,
+            focal_alpha=0.3,
+            focal_gamma=1.7,
             num_select=9,
             **LOSS,
         ),
@@ -134,8 +136,9 @@ def _reference_criterion(name: str) -> SetCriterion:
         return SetCriterion(
             NC, HungarianMatcher(*costs, "focal", a, g), "focal", *weights, 0.1, a, g
         )
-    # RT-DETRv2: the matcher's focal cost keeps 0.25 / 2 whatever the VFL parameters
-    matcher = HungarianMatcher(*costs, "focal", 0.25, 2.0)
+    # RT-DETRv2: the matcher's focal cost takes focal_alpha / focal_gamma (official 0.25 / 2),
+    # the varifocal loss its own vfl_alpha / vfl_gamma
+    matcher = HungarianMatcher(*costs, "focal", kw["focal_alpha"], kw["focal_gamma"])
     return SetCriterion(NC, matcher, "vfl", *weights, 0.1, kw["vfl_alpha"], kw["vfl_gamma"])
 
 

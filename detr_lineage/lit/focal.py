@@ -1,5 +1,5 @@
-"""Sigmoid-classification detectors trained with focal loss (DN-DETR, Conditional DETR,
-Deformable DETR, DINO): one module, the network named by the subclass."""
+"""Sigmoid-classification detectors (DN-DETR, Conditional DETR, Deformable DETR, DINO with focal
+loss; RT-DETRv2 with varifocal loss): one module, the network named by the subclass."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class FocalDetector(DetectionModule):
     alike; top-``num_select`` (query x class) detections at evaluation.
 
     A subclass names its network (``net_class``) and config (``net_config``), declares
-    ``net: <its config>`` and only the defaults its paper changes.
+    ``net: <its config>`` and only the defaults its paper changes; one with another
+    classification loss overrides ``classification_loss``.
     """
 
     net_class: ClassVar[type[nn.Module]]
@@ -43,14 +44,19 @@ class FocalDetector(DetectionModule):
         matcher = HungarianMatcher(
             cost_class, cost_bbox, cost_giou, "focal", focal_alpha, focal_gamma
         )
+        loss, alpha, gamma = self.classification_loss()
         self.criterion = SetCriterion(
             net.num_classes,
             matcher,
-            "focal",
+            loss,
             weight_class,
             weight_bbox,
             weight_giou,
-            alpha=focal_alpha,
-            gamma=focal_gamma,
+            alpha=alpha,
+            gamma=gamma,
         )
         self.postprocess = PostProcess("sigmoid", num_select)
+
+    def classification_loss(self) -> tuple[str, float, float]:
+        """(loss, alpha, gamma) of the classification loss: focal, as the matching cost."""
+        return "focal", self.hparams.focal_alpha, self.hparams.focal_gamma

@@ -1,9 +1,13 @@
-"""Parts the variants share: input normalisation, the single-scale encoder, and the pieces
-Deformable DETR and DINO share (multi-scale trunk, decoder layers, focal heads)."""
+"""Parts the variants share: the transformer hyper-parameters every variant has (one dataclass,
+each variant's config subclasses it and redeclares only what its paper changes), input
+normalisation, the single-scale encoder, decoder layers, and the pieces Deformable DETR and DINO
+share (multi-scale config, trunk and encoder; focal heads)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,23 @@ from ..nn.transformer import MLP, DecoderLayer, DeformableCrossAttention, Encode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TransformerConfig:
+    """What every encoder-decoder variant declares (defaults: DETR's R50 model). A variant's
+    config subclasses it, redeclares the defaults its paper changes and adds its own fields."""
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    d_model: int = 256
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    aux_loss: bool = True
 
 
 class NormalizedBackbone(nn.Module):
@@ -101,12 +122,58 @@ class SingleScaleEncoder(nn.Module):
         return Memory(src, pos, key_mask, [tuple(feat.shape[-2:])])
 
 
+def decoder_layers(
+    cfg: TransformerConfig, cross_attention: Callable[[int], nn.Module], **layer_kwargs
+) -> list[DecoderLayer]:
+    """``cfg.num_decoder_layers`` decoder layers at ``cfg``'s width, heads, FFN and dropout,
+    layer ``i`` with ``cross_attention(i)``; ``layer_kwargs``: the rest of ``DecoderLayer``'s
+    arguments. Initialise them with ``xavier_init_`` (after building what the official code
+    builds before that, so that a seed draws the same weights)."""
+    return [
+        DecoderLayer(
+            cross_attention(i),
+            cfg.d_model,
+            cfg.nhead,
+            cfg.dim_feedforward,
+            cfg.dropout,
+            **layer_kwargs,
+        )
+        for i in range(cfg.num_decoder_layers)
+    ]
+
+
+def xavier_init_(layers: Iterable[nn.Module], cross_attention: bool = True) -> None:
+    """Every weight matrix of ``layers`` xavier-uniform, in parameter order; the
+    cross-attention's (``layer.cross_attn``) only with ``cross_attention`` (deformable
+    attention keeps its own init)."""
+    for layer in layers:
+        skip = set() if cross_attention else set(layer.cross_attn.parameters())
+        for p in layer.parameters():
+            if p.dim() > 1 and p not in skip:
+                nn.init.xavier_uniform_(p)
+
+
 def multiscale_backbone() -> BackboneConfig:
     """ResNet-50, strides 8/16/32 (C3-C5), layer2-4 trained, frozen BN (Deformable DETR, DINO)."""
     return BackboneConfig(name="resnet50", return_strides=[8, 16, 32])
 
 
-def deformable_body(cfg, pe_temperature: float = 10000.0) -> tuple[nn.Module, nn.Module]:
+@dataclass
+class DeformableConfig(TransformerConfig):
+    """The Deformable DETR body's hyper-parameters, shared with DINO (defaults: Deformable
+    DETR's R50 model): ``num_levels`` feature levels (the trunk's, then stride-2 convs),
+    ``num_points`` sampling points per level and head in encoder and decoder."""
+
+    backbone: BackboneConfig = field(default_factory=multiscale_backbone)
+    dim_feedforward: int = 1024
+    num_queries: int = 300
+    num_levels: int = 4
+    num_points: int = 4
+
+
+def deformable_body(
+    cfg: DeformableConfig, pe_temperature: float = 10000.0
+) -> tuple[nn.Module, nn.Module]:
     """Deformable DETR / DINO's trunk (ImageNet-normalised) and multi-scale deformable encoder."""
     backbone = NormalizedBackbone(cfg.backbone, IMAGENET_MEAN, IMAGENET_STD)
     encoder = MultiScaleDeformableEncoder(
@@ -123,24 +190,15 @@ def deformable_body(cfg, pe_temperature: float = 10000.0) -> tuple[nn.Module, nn
     return backbone, encoder
 
 
-def deformable_decoder_layers(cfg) -> list[DecoderLayer]:
+def deformable_decoder_layers(cfg: DeformableConfig) -> list[DecoderLayer]:
     """Deformable DETR / DINO decoder layers: self-attention, deformable cross-attention, FFN
     (xavier init but for the deformable attention's own)."""
-    layers = [
-        DecoderLayer(
-            DeformableCrossAttention(cfg.d_model, cfg.nhead, cfg.num_levels, cfg.num_points),
-            cfg.d_model,
-            cfg.nhead,
-            cfg.dim_feedforward,
-            cfg.dropout,
-            "relu",
-        )
-        for _ in range(cfg.num_decoder_layers)
-    ]
-    for layer in layers:
-        for p in [*layer.self_attn.parameters(), *layer.ffn.parameters()]:
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+
+    def cross_attention(_: int) -> nn.Module:
+        return DeformableCrossAttention(cfg.d_model, cfg.nhead, cfg.num_levels, cfg.num_points)
+
+    layers = decoder_layers(cfg, cross_attention)
+    xavier_init_(layers, cross_attention=False)
     return layers
 
 

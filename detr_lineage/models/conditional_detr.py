@@ -16,32 +16,29 @@ projection for cross-attention in layers 2-6, unused there; ours has it in layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.backbone import BackboneConfig
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
-from ..nn.transformer import MLP, ConditionalCrossAttention, Decoder, DecoderLayer, refine_boxes
-from .common import SingleScaleEncoder, focal_heads
+from ..nn.transformer import MLP, ConditionalCrossAttention, Decoder, refine_boxes
+from .common import (
+    SingleScaleEncoder,
+    TransformerConfig,
+    decoder_layers,
+    focal_heads,
+    xavier_init_,
+)
 
 
 @dataclass
-class ConditionalDETRConfig:
-    """Conditional DETR's network hyper-parameters (defaults: the paper's R50 model)."""
+class ConditionalDETRConfig(TransformerConfig):
+    """Conditional DETR's network hyper-parameters (defaults: the paper's R50 model; DETR's
+    but for the query count)."""
 
-    num_classes: int
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    d_model: int = 256
-    nhead: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
     num_queries: int = 300
-    aux_loss: bool = True
 
 
 class ConditionalSpatialQuery(nn.Module):
@@ -74,23 +71,15 @@ class ConditionalDETRNet(nn.Module):
         )
         self.encoder = SingleScaleEncoder(cfg.backbone, d, h, cfg.num_encoder_layers, ff, dropout)
         self.decoder = Decoder(
-            [
-                DecoderLayer(
-                    ConditionalCrossAttention(d, h, dropout, i == 0),
-                    d,
-                    h,
-                    ff,
-                    dropout,
-                    split_self_attn_proj=True,
-                )
-                for i in range(cfg.num_decoder_layers)
-            ],
+            decoder_layers(
+                cfg,
+                lambda i: ConditionalCrossAttention(d, h, dropout, i == 0),
+                split_self_attn_proj=True,
+            ),
             norm=nn.LayerNorm(d),
             query_pos_head=ConditionalSpatialQuery(d),
         )
-        for p in self.decoder.layers.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self.decoder.layers)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.ref_point_head = MLP(d, d, 2, 2)
         self.class_head, self.box_head = focal_heads(d, cfg.num_classes)

@@ -15,42 +15,25 @@ trains it class-agnostic (all labels 0) and ranks by that one logit.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.backbone import BackboneConfig
 from ..nn.multiscale import QuerySelection
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import Decoder, refine_boxes
-from .common import (
-    deformable_body,
-    deformable_decoder_layers,
-    focal_heads,
-    multiscale_backbone,
-)
+from .common import DeformableConfig, deformable_body, deformable_decoder_layers, focal_heads
 
 
 @dataclass
-class DeformableDETRConfig:
-    """Deformable DETR's network hyper-parameters (defaults: the paper's R50 model)."""
+class DeformableDETRConfig(DeformableConfig):
+    """Deformable DETR's network hyper-parameters (defaults: the paper's R50 model): the body's
+    (``DeformableConfig``) and the two switches."""
 
-    num_classes: int
-    backbone: BackboneConfig = field(default_factory=multiscale_backbone)
-    d_model: int = 256
-    nhead: int = 8
-    num_levels: int = 4
-    num_points: int = 4
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    num_queries: int = 300
     box_refine: bool = False
     two_stage: bool = False
-    aux_loss: bool = True
 
 
 class DeformableDETRNet(nn.Module):

@@ -6,17 +6,16 @@ exercise; not in the DETR paper): ``denoising=None`` (the default) is DETR as pu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
-from ..nn.backbone import BackboneConfig
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
-from ..nn.transformer import MLP, Decoder, DecoderLayer, DenseCrossAttention
-from .common import SingleScaleEncoder
+from ..nn.transformer import MLP, Decoder, DenseCrossAttention
+from .common import SingleScaleEncoder, TransformerConfig, decoder_layers, xavier_init_
 
 DN_COMBINE = ("sum", "concat")
 
@@ -52,7 +51,7 @@ class DenoisingQueryPosition(nn.Module):
 
 
 @dataclass
-class DETRConfig:
+class DETRConfig(TransformerConfig):
     """DETR's network hyper-parameters (defaults: the paper's COCO R50 model).
 
     ``pre_norm``: pre-LayerNorm layers (the paper: post-norm). ``denoising`` (None: the paper)
@@ -60,17 +59,7 @@ class DETRConfig:
     query's label embedding and projected box encoding.
     """
 
-    num_classes: int
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    d_model: int = 256
-    nhead: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    num_queries: int = 100
     pre_norm: bool = False
-    aux_loss: bool = True
     denoising: DenoisingConfig | None = None
     dn_combine: str = "sum"
 
@@ -103,23 +92,14 @@ class DETRNet(nn.Module):
             pre_norm=pre_norm,
         )
         self.decoder = Decoder(
-            [
-                DecoderLayer(
-                    DenseCrossAttention(d_model, nhead, dropout),
-                    d_model,
-                    nhead,
-                    dim_feedforward,
-                    dropout,
-                    "relu",
-                    pre_norm,
-                )
-                for _ in range(cfg.num_decoder_layers)
-            ],
+            decoder_layers(
+                cfg,
+                lambda _: DenseCrossAttention(d_model, nhead, dropout),
+                normalize_before=pre_norm,
+            ),
             norm=nn.LayerNorm(d_model),
         )
-        for p in self.decoder.layers.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self.decoder.layers)
         self.query_embed = nn.Embedding(cfg.num_queries, d_model)
         self.class_head = nn.Linear(d_model, num_classes + 1)
         self.box_head = MLP(d_model, d_model, 4, 3)

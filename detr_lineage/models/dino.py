@@ -21,18 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
-from ..nn.backbone import BackboneConfig
+from ..denoising import DenoisingConfig, detector_outputs, make_denoising_queries
 from ..nn.multiscale import QuerySelection
-from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import MLP, Decoder
-from .common import (
-    deformable_body,
-    deformable_decoder_layers,
-    focal_heads,
-    multiscale_backbone,
-)
+from .common import DeformableConfig, deformable_body, deformable_decoder_layers, focal_heads
 
 
 def dino_denoising() -> DenoisingConfig:
@@ -42,27 +35,19 @@ def dino_denoising() -> DenoisingConfig:
 
 
 @dataclass
-class DINOConfig:
-    """DINO-4scale's network hyper-parameters (defaults: the official R50 model).
+class DINOConfig(DeformableConfig):
+    """DINO-4scale's network hyper-parameters (defaults: the official R50 model): the
+    Deformable DETR body's (``DeformableConfig``) with DINO's FFN, dropout and query count.
 
     ``denoising=None`` turns contrastive denoising off. ``pe_temperature``: the encoder's sine
     positions (DINO: 20).
     """
 
-    num_classes: int
-    backbone: BackboneConfig = field(default_factory=multiscale_backbone)
-    d_model: int = 256
-    nhead: int = 8
-    num_levels: int = 4
-    num_points: int = 4
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
     dim_feedforward: int = 2048
     dropout: float = 0.0
     num_queries: int = 900
     pe_temperature: float = 20.0
     denoising: DenoisingConfig | None = field(default_factory=dino_denoising)
-    aux_loss: bool = True
 
 
 class SineBoxQueryPosition(nn.Module):
@@ -116,13 +101,4 @@ class DINONet(nn.Module):
             tgt, memory, ref_boxes=ref, self_attn_mask=None if dn is None else dn.attn_mask
         )
         logits = self.class_head(hs)
-        if dn is not None:
-            (logits, boxes), dn_outputs = split_denoising_outputs(
-                logits, boxes, dn.meta.num_queries, self.aux_loss
-            )
-        out = split_layers(logits, boxes, self.aux_loss)
-        if self.training:
-            out["enc_outputs"] = enc
-        if dn is not None:
-            out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
-        return out
+        return detector_outputs(logits, boxes, self.aux_loss, dn, enc if self.training else None)

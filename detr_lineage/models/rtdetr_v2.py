@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
+from ..denoising import DenoisingConfig, detector_outputs, make_denoising_queries
 from ..nn.backbone import BackboneConfig
 from ..nn.hybrid_encoder import HybridEncoder
-from ..nn.outputs import split_layers
 from ..nn.transformer import MLP, Decoder, DecoderLayer, DeformableCrossAttention, Memory
 from .common import NormalizedBackbone
 
@@ -221,16 +220,7 @@ class RTDETRv2Net(nn.Module):
             num_layers=None if self.training else self.eval_layers,
         )
         logits = torch.stack([head(h) for head, h in zip(self.dec_score_heads, hs)])
-        if dn is not None:
-            (logits, boxes), dn_outputs = split_denoising_outputs(
-                logits, boxes, dn.meta.num_queries, self.aux_loss
-            )
-        out = split_layers(logits, boxes, self.aux_loss)
-        if self.training:
-            out["enc_outputs"] = enc
-        if dn is not None:
-            out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
-        return out
+        return detector_outputs(logits, boxes, self.aux_loss, dn, enc if self.training else None)
 
     def deploy(self) -> RTDETRv2Net:
         """Inference-only network: RepVGG blocks fused, denoising parts dropped, eval mode."""

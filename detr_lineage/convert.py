@@ -3,13 +3,16 @@
 ``detr-lineage convert --from {official,hf} --variant VARIANT IN OUT``
 
 Sources: the official facebookresearch/detr checkpoints (R50, R101), the official
+IDEA-Research/DN-DETR R50 checkpoint (DN-DAB-DETR, 300 queries), the official
 lyuwenyu/RT-DETR ``rtdetrv2_pytorch`` checkpoints (S, M*, M, L, X; ``--state model`` or
 ``ema``) and Hugging Face transformers' ``DetrForObjectDetection`` /
 ``RTDetrV2ForObjectDetection`` state dicts (``model.safetensors`` or ``pytorch_model.bin``).
 Every tensor maps by renaming, except that separate q/k/v projections (transformers) are
 concatenated into one ``in_proj``, the RT-DETRv2 box heads are stored under both of our names,
 the official anchor buffers (recomputed by ours) are dropped, and DETR's 91 COCO category ids
-+ no-object are gathered into our contiguous 80 labels + no-object.
++ no-object are gathered into our contiguous 80 labels + no-object (DN-DETR: 91 ids in the
+sigmoid class head, 91 ids + "unknown" in the label embedding; its tied box head is stored under
+each of our decoder layers' names).
 
 OUT is a checkpoint with the variant's hyper-parameters (the matching YAML under
 ``experiments/coco``), so it works as ``--ckpt_path`` of ``validate`` / ``test`` / ``predict``
@@ -53,7 +56,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "coco"
 class Variant:
     """A converted model: its family, base YAML and the overrides of that YAML's init_args."""
 
-    family: str  # "detr" | "rtdetrv2"
+    family: str  # "detr" | "dn_detr" | "rtdetrv2"
     yaml: str
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +64,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "detr-r50": Variant("detr", "detr_r50.yaml"),
     "detr-r101": Variant("detr", "detr_r50.yaml", {"backbone.name": "resnet101"}),
+    "dn-detr-r50": Variant("dn_detr", "dn_detr_r50.yaml"),
     "rtdetrv2-s": Variant("rtdetrv2", "rtdetrv2_r18.yaml"),
     "rtdetrv2-m*": Variant("rtdetrv2", "rtdetrv2_r34.yaml"),
     "rtdetrv2-m": Variant("rtdetrv2", "rtdetrv2_r50.yaml", {"expansion": 0.5, "eval_idx": 2}),
@@ -158,6 +162,35 @@ OFFICIAL_DETR_RULES: Rules = [
     (r"^transformer\.", ""),
     (r"^class_embed\.", "class_head."),
     (r"^bbox_embed\.", "box_head."),
+]
+
+OFFICIAL_DN_DETR_RULES: Rules = [  # IDEA-Research/DN-DETR models/DN_DAB_DETR, then DETR's
+    (
+        r"^transformer\.(en|de)coder\.layers\.(\d+)\.activation\.",
+        r"\1coder.layers.\2.ffn.activation.",
+    ),
+    (r"^transformer\.encoder\.query_scale\.", "encoder.pos_scale."),
+    (
+        r"^transformer\.decoder\.(query_scale|ref_point_head|ref_anchor_head)\.",
+        r"decoder.query_pos_head.\1.",
+    ),
+    (
+        r"^transformer\.decoder\.layers\.(\d+)\.sa_(q|k)(content|pos)_proj\.",
+        r"decoder.layers.\1.self_attn.proj.\2_\3.",
+    ),
+    (r"^transformer\.decoder\.layers\.(\d+)\.sa_v_proj\.", r"decoder.layers.\1.self_attn.proj.v."),
+    (
+        r"^transformer\.decoder\.layers\.(\d+)\.ca_(q|k)(content|pos)_proj\.",
+        r"decoder.layers.\1.cross_attn.\2_\3.",
+    ),
+    (r"^transformer\.decoder\.layers\.(\d+)\.ca_v_proj\.", r"decoder.layers.\1.cross_attn.v."),
+    (
+        r"^transformer\.decoder\.layers\.(\d+)\.ca_qpos_sine_proj\.",
+        r"decoder.layers.\1.cross_attn.q_sine.",
+    ),
+    (r"^label_enc\.", "label_embed."),
+    (r"^refpoint_embed\.", "anchors."),
+    *OFFICIAL_DETR_RULES,
 ]
 
 OFFICIAL_RTDETR_RULES: Rules = [
@@ -278,6 +311,28 @@ def convert_detr(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     return out
 
 
+def convert_dn_detr(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    if source != "official":
+        raise ValueError("DN-DETR converts from its official checkpoint only (--from official)")
+    out = {}
+    for key, value in state.items():
+        if key.startswith("transformer.decoder.bbox_embed."):
+            continue  # the official ties it to bbox_embed (stored under both names)
+        out[_torchvision_stage(rename(key, OFFICIAL_DN_DETR_RULES), "encoder.backbone.body.")] = (
+            value
+        )
+    for name in ("class_head.weight", "class_head.bias"):
+        if name in out and out[name].shape[0] == 91:  # sigmoid head: one row per id 0..90
+            out[name] = out[name][COCO_CATEGORY_IDS]
+    if "label_embed.weight" in out and out["label_embed.weight"].shape[0] == 92:
+        out["label_embed.weight"] = coco91_to_contiguous(out["label_embed.weight"])  # + unknown
+    num_layers = len({k.split(".")[2] for k in out if k.startswith("decoder.layers.")})
+    for key in [k for k in out if k.startswith("box_head.")]:
+        for i in range(num_layers):  # our decoder's per-layer names of the shared box head
+            out[f"decoder.box_heads.{i}.{key.removeprefix('box_head.')}"] = out[key]
+    return out
+
+
 def convert_rtdetrv2(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
@@ -301,6 +356,7 @@ def convert_rtdetrv2(state: Mapping[str, Tensor], source: str) -> dict[str, Tens
 
 CONVERTERS: dict[str, Callable[[Mapping[str, Tensor], str], dict[str, Tensor]]] = {
     "detr": convert_detr,
+    "dn_detr": convert_dn_detr,
     "rtdetrv2": convert_rtdetrv2,
 }
 
@@ -330,7 +386,8 @@ def check_against(
 # Tensors whose shape depends on the number of classes: re-initialised when fine-tuning on a
 # dataset with another number of classes.
 CLASS_TENSORS = re.compile(
-    r"^(class_head|enc_score_head|dec_score_heads\.\d+|denoising_class_embed)\.(weight|bias)$"
+    r"^(class_head|enc_score_head|dec_score_heads\.\d+|denoising_class_embed|label_embed)\."
+    r"(weight|bias)$"
 )
 
 

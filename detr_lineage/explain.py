@@ -362,11 +362,15 @@ def _query_pos(call: Call, trace: Trace) -> list[tuple[str, str]]:
 
 def _self_attn(call: Call, trace: Trace) -> list[tuple[str, str]]:
     sym = _sym(trace)
-    mask = call.kwargs.get("attn_mask")
-    text = f"{shape(call.args[0], sym, 1)} -> {shape(call.output[0], sym, 1)}"
+    if isinstance(call.module, nn.MultiheadAttention):
+        mask, out, how = call.kwargs.get("attn_mask"), call.output[0], "q = k = tgt + pos"
+    else:  # ContentPositionSelfAttention(x, pos, attn_mask): DAB / DN-DETR
+        mask = call.args[2] if len(call.args) > 2 else call.kwargs.get("attn_mask")
+        out, how = call.output, "q, k = content + position projections"
+    text = f"{shape(call.args[0], sym, 1)} -> {shape(out, sym, 1)}"
     if mask is not None:
         text += f", mask {mask_shape(mask, sym)}"
-    return [(f"self-attn ({call.module.num_heads} heads), q = k = tgt + pos", text)]
+    return [(f"self-attn ({call.module.num_heads} heads), {how}", text)]
 
 
 def _dense_cross(call: Call, trace: Trace) -> list[tuple[str, str]]:

@@ -69,6 +69,28 @@ def test_official_key_lists_convert(variant: str) -> None:
             ours["decoder.layers.0.cross_attn.attn.sampling_offsets.weight"],
             state["decoder.decoder.layers.0.cross_attn.sampling_offsets.weight"],
         )
+    elif VARIANTS[variant].family == "dn_detr":
+        tied, gathered = "transformer.decoder.bbox_embed.", ("class_embed.", "label_enc.")
+        lost = [
+            k
+            for k, v in state.items()
+            if id(v) not in values and not k.startswith((tied, *gathered))
+        ]
+        assert lost == []
+        # sigmoid head: one row per COCO id 0..90, no no-object; label embedding + "unknown"
+        official, labels = state["class_embed.weight"], state["label_enc.weight"]
+        assert torch.equal(ours["class_head.weight"][0], official[1])  # person
+        assert torch.equal(ours["class_head.weight"][79], official[90])  # toothbrush
+        assert torch.equal(ours["label_embed.weight"][79], labels[90])
+        assert torch.equal(ours["label_embed.weight"][80], labels[91])  # unknown
+        for i in range(6):  # the shared box head under each layer's name
+            assert torch.equal(
+                ours[f"decoder.box_heads.{i}.layers.2.weight"], state["bbox_embed.layers.2.weight"]
+            )
+        assert torch.equal(
+            ours["decoder.layers.3.self_attn.proj.k_pos.weight"],
+            state["transformer.decoder.layers.3.sa_kpos_proj.weight"],
+        )
     else:
         # class rows: our label i is COCO category COCO_CATEGORY_IDS[i]; the last is no-object
         official = state["class_embed.weight"]
@@ -83,7 +105,12 @@ def test_official_key_lists_convert(variant: str) -> None:
 
 @pytest.mark.parametrize(
     ("file_variant", "asked"),
-    [("rtdetrv2-s", "rtdetrv2-l"), ("rtdetrv2-l", "rtdetrv2-m"), ("detr-r50", "rtdetrv2-s")],
+    [
+        ("rtdetrv2-s", "rtdetrv2-l"),
+        ("rtdetrv2-l", "rtdetrv2-m"),
+        ("detr-r50", "rtdetrv2-s"),
+        ("detr-r50", "dn-detr-r50"),
+    ],
 )
 def test_a_file_of_another_model_or_size_is_refused(file_variant: str, asked: str) -> None:
     with pytest.raises(ValueError, match="another model or size"):

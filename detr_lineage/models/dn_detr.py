@@ -1,35 +1,59 @@
 """DN-DETR (Li et al. 2022) on DAB-DETR (Liu et al. 2022): anchor-box queries + denoising.
 
-Differences from DETR, all from the papers / official code:
+Differences from DETR, all from the papers / official code (IDEA-Research/DN-DETR, whose
+checkpoints convert tensor for tensor: ``convert.py``):
 - queries are learnable 4-D anchors (cx, cy, w, h; stored as logits), refined by every decoder
-  layer through a shared box head (offsets in logit space, detached between layers);
-- each layer's query position is an MLP of the anchor's sine encoding; cross-attention is
-  conditional (content and position apart) and its positional part is modulated by the
-  anchor's width and height;
+  layer through a shared box head: the next reference is refined from the un-normed layer
+  output and detached; a layer's box output is refined from the normed output on its
+  *undetached* reference, so its loss also trains the previous refinement (``Decoder``'s
+  ``look_forward_twice`` + ``refine_unnormed``); logits clamp at 1e-3;
+- each layer's query position is an MLP of the anchor's sine encoding; self-attention projects
+  content and position apart (``ContentPositionSelfAttention``); cross-attention is conditional
+  (content and position apart) and its positional part is modulated by the anchor's width and
+  height;
 - sigmoid classification (no no-object class) trained with focal loss; the matching queries'
   content is the embedding of an extra "unknown" class plus a 0 indicator bit;
-- with ``denoising`` set, noised ground-truth queries (label embedding + 1 indicator bit) run
-  through the same decoder under the group attention mask (``denoising.py``).
-Documented simplifications (docs/architecture.md): self-attention projects (content + position)
-with one matrix per q/k (standard multi-head attention), where DAB-DETR has separate
-content/position projections; references are refined from the normed state and detached
-before the box output (official: un-normed state, undetached reference in the box output).
+- with ``denoising`` set, noised ground-truth queries (label embedding + 1 indicator bit; padding
+  slots all zeros) run through the same decoder under the group attention mask
+  (``denoising.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from ..boxes import inverse_sigmoid
 from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
 from ..nn.backbone import BackboneConfig
 from ..nn.outputs import split_layers
 from ..nn.position import sine_encoding_of_boxes
-from ..nn.transformer import MLP, ConditionalCrossAttention, Decoder, DecoderLayer
+from ..nn.transformer import (
+    MLP,
+    ConditionalCrossAttention,
+    ContentPositionSelfAttention,
+    Decoder,
+    DecoderLayer,
+)
 from .common import SingleScaleEncoder
+
+LOGIT_EPS = 1e-3  # the official DN-DETR / DAB-DETR inverse_sigmoid clamp
+
+
+def _refuse_old_decoder(module: nn.Module, state: Mapping, prefix: str, *args) -> None:
+    """Load pre-hook: a checkpoint of the earlier decoder (one q/k/v in-projection) is refused."""
+    key = f"{prefix}decoder.layers.0.self_attn.in_proj_weight"
+    if key in state:
+        raise ValueError(
+            f"{key}: this DN-DETR checkpoint was written before the decoder followed the "
+            "official DN-DETR (separate content/position self-attention projections, boxes on "
+            "undetached references); its weights do not fit this version. Retrain it, or use "
+            "an older detr_lineage to read it."
+        )
 
 
 class AnchorQueryPosition(nn.Module):
@@ -112,6 +136,7 @@ class DNDETRNet(nn.Module):
                 dim_feedforward,
                 dropout,
                 activation,
+                self_attn=ContentPositionSelfAttention(d_model, nhead, dropout),
             )
             for i in range(num_decoder_layers)
         ]
@@ -120,18 +145,26 @@ class DNDETRNet(nn.Module):
             norm=nn.LayerNorm(d_model),
             query_pos_head=AnchorQueryPosition(d_model),
             box_heads=[self.box_head] * num_decoder_layers,
+            look_forward_twice=True,
+            refine_unnormed=True,
+            eps=LOGIT_EPS,
         )
         # the official Transformer's init: xavier on every matrix of the encoder and decoder
-        # (layers, query-scale and anchor heads); the box head, outside it, keeps its zeros
+        # (layers, query-scale and anchor heads), zero attention output biases; the box head,
+        # outside it, keeps its zeros
         for part in (self.decoder.layers, self.decoder.query_pos_head, self.encoder.pos_scale):
             for p in part.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+        for layer in layers:
+            nn.init.zeros_(layer.self_attn.out_proj.bias)
+            nn.init.zeros_(layer.cross_attn.out_proj.bias)
         self.anchors = nn.Embedding(cfg.num_queries, 4)  # logits of (cx, cy, w, h)
         # label embedding + 1 indicator bit; index num_classes = "unknown" (matching queries)
         self.label_embed = nn.Embedding(num_classes + 1, d_model - 1)
         self.class_head = nn.Linear(d_model, num_classes)
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
+        self.register_load_state_dict_pre_hook(_refuse_old_decoder)
 
     def content(self, labels: Tensor, indicator: float) -> Tensor:
         """Label embedding ``[..., d-1]`` + indicator bit (1 = denoising, 0 = matching)."""
@@ -148,8 +181,11 @@ class DNDETRNet(nn.Module):
         dn = None
         if self.training and targets is not None and self.denoising is not None:
             dn = make_denoising_queries(targets, self.denoising, self.num_classes, self.num_queries)
-            tgt = torch.cat([self.content(dn.labels, 1.0), tgt], 1)
-            ref = torch.cat([dn.boxes, ref], 1)
+            padding = (dn.labels == self.num_classes)[..., None]  # slots of no object: zeros
+            tgt = torch.cat([self.content(dn.labels, 1.0).masked_fill(padding, 0.0), tgt], 1)
+            # the official feeds the noised boxes in as logits: clamped by inverse_sigmoid
+            dn_ref = inverse_sigmoid(dn.boxes.to(ref.dtype), LOGIT_EPS).sigmoid()
+            ref = torch.cat([dn_ref, ref], 1)
         hs, boxes = self.decoder(
             tgt, memory, ref_boxes=ref, self_attn_mask=None if dn is None else dn.attn_mask
         )

@@ -9,10 +9,11 @@ from torch import Tensor
 
 
 def sine_encoding(x: Tensor, num_feats: int, temperature: float) -> Tensor:
-    """Each scalar of ``x [...]`` -> ``num_feats`` interleaved sin/cos values ``[..., F]``."""
+    """Each scalar of ``x [...]`` -> ``num_feats`` interleaved sin/cos values ``[..., F]``
+    (float32, float64 for float64 ``x``; the frequencies in float32 as the official code)."""
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=x.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos = x.float()[..., None] / dim_t  # [..., F]
+    pos = (x if x.dtype == torch.float64 else x.float())[..., None] / dim_t  # [..., F]
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 

@@ -175,11 +175,11 @@ class Memory:
     valid_ratios: Tensor | None = None
 
 
-def refine_boxes(delta: Tensor, ref: Tensor) -> Tensor:
+def refine_boxes(delta: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
     """``sigmoid(delta + logit(ref))``: box-head output ``[...,4]`` on a reference box
     ``[...,4]`` or point ``[...,2]`` (then only the centre has a reference, as in Conditional
-    and Deformable DETR)."""
-    logit = inverse_sigmoid(ref)
+    and Deformable DETR). ``eps``: the logit's clamp (``inverse_sigmoid``)."""
+    logit = inverse_sigmoid(ref, eps)
     if ref.shape[-1] == 2:
         logit = F.pad(logit, (0, 2))
     return torch.sigmoid(delta + logit)
@@ -313,6 +313,28 @@ class ContentPositionProjection(nn.Module):
         return q, p["k_content"](x) + p["k_pos"](pos), p["v"](x)
 
 
+class ContentPositionSelfAttention(ContentPositionProjection):
+    """DAB-DETR's decoder self-attention: the content/position projections give q, k, v, which
+    go straight into multi-head attention (no further input projection), then ``out_proj``.
+    Called as ``(x [B,Q,d], pos [B,Q,d], attn_mask [Q,Q] bool True = blocked)``."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
+        super().__init__(d_model)
+        self.embed_dim, self.num_heads, self.dropout = d_model, nhead, dropout
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, pos: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        b, q_len, d = x.shape
+
+        def heads(t: Tensor) -> Tensor:  # [B,N,d] -> [B,h,N,d/h]
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        q, k, v = super().forward(x, pos)
+        allowed = None if attn_mask is None else ~attn_mask
+        out = sdpa(heads(q), heads(k), heads(v), allowed, self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q_len, d))
+
+
 class DecoderLayer(nn.Module):
     """Self-attention among queries, cross-attention to the memory, FFN.
 
@@ -320,7 +342,9 @@ class DecoderLayer(nn.Module):
     cross_pos)``; it is what distinguishes DETR, DAB/DN-DETR and RT-DETRv2 decoders.
     ``self_attn_mask`` (bool, True = blocked, ``[Q,Q]``) keeps denoising groups apart.
     ``split_self_attn_proj``: project content and position apart before self-attention
-    (``ContentPositionProjection``, Conditional DETR).
+    (``ContentPositionProjection``, Conditional DETR). ``self_attn``: a module replacing the
+    standard multi-head self-attention, called as ``self_attn(x, query_pos, attn_mask)``
+    (``ContentPositionSelfAttention``, DAB/DN-DETR).
     """
 
     def __init__(
@@ -333,9 +357,12 @@ class DecoderLayer(nn.Module):
         activation: str = "relu",
         normalize_before: bool = False,
         split_self_attn_proj: bool = False,
+        self_attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        if self_attn is None:
+            self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = self_attn
         self.sa_proj = ContentPositionProjection(d_model) if split_self_attn_proj else None
         self.cross_attn = cross_attn
         self.dropout1 = nn.Dropout(dropout)
@@ -356,10 +383,13 @@ class DecoderLayer(nn.Module):
     ) -> Tensor:
         pre = self.normalize_before
         y = self.norm1(tgt) if pre else tgt
-        q = k = _with_pos(y, query_pos)
-        if self.sa_proj is not None and query_pos is not None:
-            q, k, y = self.sa_proj(y, query_pos)
-        y = attention(self.self_attn, q, k, y, attn_mask=self_attn_mask)
+        if isinstance(self.self_attn, nn.MultiheadAttention):
+            q = k = _with_pos(y, query_pos)
+            if self.sa_proj is not None and query_pos is not None:
+                q, k, y = self.sa_proj(y, query_pos)
+            y = attention(self.self_attn, q, k, y, attn_mask=self_attn_mask)
+        else:
+            y = self.self_attn(y, query_pos, self_attn_mask)
         tgt = tgt + self.dropout1(y)
         if not pre:
             tgt = self.norm1(tgt)
@@ -379,8 +409,11 @@ class Decoder(nn.Module):
     logit(ref_l))``, and ``ref_{l+1} = box_l.detach()``. ``query_pos_head(ref, tgt, layer)``
     returns the (self-attention pos or None = keep the given ``query_pos``, cross-attention pos
     or None) of the current references; references may be points ``[B,Q,2]`` (``refine_boxes``).
-    ``look_forward_twice`` (DINO, RT-DETR) computes box_l in training from the undetached
-    box_{l-1}, so a layer's loss also trains the previous layer's box head.
+    ``look_forward_twice`` (DAB/DN-DETR, DINO, RT-DETR) computes box_l in training on the
+    undetached ``ref_l`` (the previous layer's refinement), so a layer's loss also trains the
+    previous layer's refinement. ``refine_unnormed`` (DAB/DN-DETR): the next reference is
+    refined from the un-normed layer output, the box output from the normed one (``norm``).
+    ``eps``: the logit's clamp (DAB/DN-DETR 1e-3, the others 1e-5).
     """
 
     def __init__(
@@ -390,6 +423,8 @@ class Decoder(nn.Module):
         query_pos_head: nn.Module | None = None,
         box_heads: Sequence[nn.Module] | None = None,
         look_forward_twice: bool = False,
+        refine_unnormed: bool = False,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -397,6 +432,8 @@ class Decoder(nn.Module):
         self.query_pos_head = query_pos_head
         self.box_heads = None if box_heads is None else nn.ModuleList(box_heads)
         self.look_forward_twice = look_forward_twice
+        self.refine_unnormed = refine_unnormed
+        self.eps = eps
 
     def forward(
         self,
@@ -412,7 +449,7 @@ class Decoder(nn.Module):
         ``num_layers`` runs only the first layers (RT-DETR's ``eval_idx``: depth cut at inference).
         """
         states, boxes = [], []
-        prev_box = None
+        undetached = None  # ref_l before its detach (None for the first layer's given ref)
         for i, layer in enumerate(self.layers[:num_layers]):
             cross_pos = None
             if self.query_pos_head is not None:
@@ -422,12 +459,14 @@ class Decoder(nn.Module):
             state = tgt if self.norm is None else self.norm(tgt)
             states.append(state)
             if self.box_heads is not None:
-                delta = self.box_heads[i](state)
-                box = refine_boxes(delta, ref_boxes)
-                if self.look_forward_twice and self.training and prev_box is not None:
-                    boxes.append(refine_boxes(delta, prev_box))
+                head = self.box_heads[i]
+                delta = head(state)
+                box = refine_boxes(delta, ref_boxes, self.eps)  # on this layer's reference
+                if self.look_forward_twice and self.training and undetached is not None:
+                    boxes.append(refine_boxes(delta, undetached, self.eps))
                 else:
                     boxes.append(box)
-                prev_box = box
-                ref_boxes = box.detach()
+                if self.refine_unnormed and state is not tgt:
+                    box = refine_boxes(head(tgt), ref_boxes, self.eps)
+                undetached, ref_boxes = box, box.detach()
         return torch.stack(states), (torch.stack(boxes) if boxes else None)

@@ -79,6 +79,7 @@ def official_state(seed: int = 0) -> dict[str, Tensor]:
     linear("class_embed", D, 91)
     w["label_enc.weight"] = randn(92, D - 1)
     w["refpoint_embed.weight"] = randn(QUERIES, 4)
+    w["refpoint_embed.weight"][0, :2] = torch.tensor([8.0, -8.0])  # beyond the 1e-3 clamp
     return w
 
 
@@ -251,9 +252,11 @@ def batch() -> tuple[Tensor, Tensor, list[dict]]:
     masks[1, 24:, :] = True
     targets = [
         {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])},
-        {
-            "labels": torch.tensor([79, 3, 40]),
-            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 1, 1]]),
+        {  # the last box is degenerate at a corner: only the 1e-3 clamp makes its reference
+            "labels": torch.tensor([79, 3, 40, 7]),
+            "boxes": torch.tensor(
+                [[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 1, 1], [0, 1, 0, 0]]
+            ),
         },
     ]
     return images, masks, targets

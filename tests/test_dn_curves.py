@@ -14,6 +14,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -22,8 +23,10 @@ from detr_lineage.analysis import plots
 from detr_lineage.analysis.dn_curves import (
     class_loss_kind,
     denoising_pairs,
+    denoising_speedups,
     first_crossing,
     plot_denoising_class_loss,
+    speedups_markdown,
 )
 from detr_lineage.analysis.runs import group_runs, load_runs
 
@@ -126,3 +129,33 @@ def test_runs_saved_before_the_net_argument_still_pair(tmp_path):
 
     assert _denoising_on([run({"groups": 5})]) is True and _denoising_on([run(None)]) is False
     assert _without_denoising([run({"groups": 5})]) == _without_denoising([run(None)])
+
+
+def test_denoising_speedups_pair_seeds_and_keep_the_spread(runs_root):
+    """Known steps / seconds to each threshold: ratios off / on per seed, mean ± sample std."""
+    nan = float("nan")
+    rows = [  # group, seed, steps to 0.25, s to 0.25, steps to 0.5, s to 0.5
+        ("detr-on", 0, 20, 40, 50, 100),
+        ("detr-on", 1, nan, nan, 80, 160),
+        ("detr-off", 0, 40, 40, 100, 150),
+        ("detr-off", 1, 60, 60, 120, 180),
+        ("rt-on", 0, nan, nan, nan, nan),
+        ("rt-off", 0, 10, 10, 100, 100),
+    ]
+    cols = ["group", "seed", "steps_to_0.25", "wall_s_to_0.25", "steps_to_0.5", "wall_s_to_0.5"]
+    per_run = pd.DataFrame(rows, columns=cols)
+    groups = group_runs(load_runs([runs_root]))
+    table = denoising_speedups(groups, per_run, [0.25, 0.5]).set_index(["on", "threshold"])
+    detr = table.loc[("detr-on", 0.5)]
+    assert detr["off"] == "detr-off" and detr["seeds"] == 2 and detr["both_reached"] == 2
+    assert detr["steps_speedup"] == pytest.approx(1.75)  # 100/50 = 2, 120/80 = 1.5
+    assert detr["steps_speedup_std"] == pytest.approx(np.std([2.0, 1.5], ddof=1))
+    assert detr["wall_speedup"] == pytest.approx((1.5 + 1.125) / 2)  # 150/100, 180/160
+    one = table.loc[("detr-on", 0.25)]  # seed 1's on run never reached 0.25: one pair left
+    assert one["both_reached"] == 1 and one["steps_speedup"] == pytest.approx(2.0)
+    assert np.isnan(one["steps_speedup_std"]) and one["wall_speedup"] == pytest.approx(1.0)
+    never = table.loc[("rt-on", 0.5)]
+    assert never["both_reached"] == 0 and np.isnan(never["steps_speedup"])
+    text = speedups_markdown(table.reset_index())
+    assert "| detr-on | detr-off | 0.5 | 2/2 | 1.75x ± 0.35 | 1.31x ± 0.27 |" in text
+    assert "| rt-on | rt-off | 0.5 | 0/1 | – | – |" in text

@@ -18,7 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
-from .dn_curves import class_loss_kind, crossing_label, plot_denoising_class_loss
+from .dn_curves import (
+    class_loss_kind,
+    crossing_label,
+    denoising_speedups,
+    plot_denoising_class_loss,
+    speedups_markdown,
+)
 from .runs import Run, config_differences, group_runs, is_run_dir, load_runs
 from .summary import markdown_table, summary_tables
 
@@ -95,6 +101,7 @@ def compare(
             f"Plots: train curves smoothed by an EMA of weight {smooth:g}; {plots.BAND_NOTE}."
         )
     markdown = "# Comparison\n\n" + markdown_table(table, thresholds, notes)
+    markdown += speedups_markdown(denoising_speedups(groups, per_run, thresholds))
     result = Comparison(runs, groups, table, per_run, markdown, notes)
     if out is None:
         return result

@@ -17,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from .plots import TRAIN_SMOOTHING, group_curve
 from .runs import Run, experiment_config
+from .summary import fmt_threshold, mean_std
 
 CLASS_LOSS_METRIC = "train/loss_class"
 DENOISING_KEY = "model.init_args.net.denoising"
@@ -173,13 +175,69 @@ def plot_denoising_class_loss(
     return fig, found
 
 
+def denoising_speedups(
+    groups: Mapping[str, Sequence[Run]], per_run: pd.DataFrame, thresholds: Sequence[float]
+) -> pd.DataFrame:
+    """Denoising's speed-up per (on, off) pair and threshold, paired by seed.
+
+    For every seed present in both groups: off run's steps to the threshold / on run's (> 1:
+    denoising got there in fewer optimiser steps), and the same for wall-clock seconds. A seed
+    counts only where both runs reached the threshold; mean and sample std over those seeds.
+    ``per_run``: ``summary_tables``'s second table (``group``, ``seed``, ``steps_to_<t>``,
+    ``wall_s_to_<t>`` columns).
+    """
+    rows = []
+    for on, off in denoising_pairs(groups):
+        a = per_run[per_run["group"] == on].drop_duplicates("seed", keep="last").set_index("seed")
+        b = per_run[per_run["group"] == off].drop_duplicates("seed", keep="last").set_index("seed")
+        seeds = sorted(set(a.index) & set(b.index))
+        for t in thresholds:
+            key = fmt_threshold(t)
+            row = {"on": on, "off": off, "threshold": t, "seeds": len(seeds)}
+            for unit, col in (("steps", f"steps_to_{key}"), ("wall", f"wall_s_to_{key}")):
+                ratios = [float(b.at[s, col] / a.at[s, col]) for s in seeds]
+                ratios = [r for r in ratios if np.isfinite(r)]
+                row[f"{unit}_speedup"], row[f"{unit}_speedup_std"] = mean_std(ratios)
+                row["both_reached"] = len(ratios)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def speedups_markdown(table: pd.DataFrame) -> str:
+    """``denoising_speedups`` as a Markdown section (empty string when there is no pair)."""
+    if table.empty:
+        return ""
+
+    def cell(mean: float, std: float) -> str:
+        if not np.isfinite(mean):
+            return "–"
+        return f"{mean:.2f}x" + (f" ± {std:.2f}" if np.isfinite(std) else "")
+
+    lines = [
+        "\n## Denoising on vs off: speed-up to each threshold, paired by seed\n",
+        "Off run's steps (or seconds) to the threshold / on run's, per seed, then mean ± sample "
+        "std over the seeds where both runs reached it (> 1: denoising is faster).\n",
+        "| on | off | threshold | both reached / seeds | per step | per second |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.on} | {r.off} | {r.threshold:g} | {r.both_reached}/{r.seeds} "
+            f"| {cell(r.steps_speedup, r.steps_speedup_std)} "
+            f"| {cell(r.wall_speedup, r.wall_speedup_std)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
     "CLASS_LOSS_KIND",
     "Crossing",
     "class_loss_kind",
     "crossing_label",
     "denoising_pairs",
+    "denoising_speedups",
     "first_crossing",
     "plot_denoising_class_loss",
+    "speedups_markdown",
     "variant_of",
 ]

@@ -33,7 +33,7 @@ class ResumeCheckpoint(L.Callback):
         directory = Path(trainer.loggers[0].log_dir) / "checkpoints"
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{RESUME_NAME}.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: resumable
         if trainer.is_global_zero:
             os.replace(tmp, directory / RESUME_NAME)
 
@@ -53,7 +53,7 @@ class SnapshotCheckpoint(L.Callback):
             return
         path = Path(trainer.loggers[0].log_dir) / "checkpoints" / snapshot_name(step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
 
 
 def snapshot_name(step: int) -> str:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
-from ..nn.outputs import split_layers
+from ..denoising import DenoisingConfig, detector_outputs, make_denoising_queries
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import MLP, Decoder, DenseCrossAttention
 from .common import SingleScaleEncoder, TransformerConfig, decoder_layers, xavier_init_
@@ -129,11 +128,4 @@ class DETRNet(nn.Module):
         )  # [L,B,N+Q,d]
         # boxes in fp32 under bf16 autocast too
         logits, boxes = self.class_head(hs), self.box_head(hs).float().sigmoid()
-        if dn is None:
-            return split_layers(logits, boxes, self.aux_loss)
-        (logits, boxes), dn_outputs = split_denoising_outputs(
-            logits, boxes, dn.meta.num_queries, self.aux_loss
-        )
-        out = split_layers(logits, boxes, self.aux_loss)
-        out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
-        return out
+        return detector_outputs(logits, boxes, self.aux_loss, dn)

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..boxes import inverse_sigmoid
-from ..denoising import DenoisingConfig, make_denoising_queries, split_denoising_outputs
-from ..nn.backbone import BackboneConfig
-from ..nn.outputs import split_layers
+from ..denoising import DenoisingConfig, detector_outputs, make_denoising_queries
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import (
     MLP,
@@ -39,7 +37,7 @@ from ..nn.transformer import (
     Decoder,
     DecoderLayer,
 )
-from .common import SingleScaleEncoder
+from .common import SingleScaleEncoder, TransformerConfig, xavier_init_
 
 LOGIT_EPS = 1e-3  # the official DN-DETR / DAB-DETR inverse_sigmoid clamp
 
@@ -81,26 +79,18 @@ class AnchorQueryPosition(nn.Module):
 
 
 @dataclass
-class DNDETRConfig:
+class DNDETRConfig(TransformerConfig):
     """DN-DETR's network hyper-parameters (defaults: the official R50 COCO model).
 
     ``denoising=None`` makes it DAB-DETR. ``pe_temperature``: the sine encodings' temperature
     (DAB-DETR: 20).
     """
 
-    num_classes: int
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    d_model: int = 256
-    nhead: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dim_feedforward: int = 2048
     dropout: float = 0.0
-    activation: str = "prelu"
     num_queries: int = 300
+    activation: str = "prelu"
     pe_temperature: float = 20.0
     denoising: DenoisingConfig | None = None
-    aux_loss: bool = True
 
 
 class DNDETRNet(nn.Module):
@@ -152,10 +142,7 @@ class DNDETRNet(nn.Module):
         # the official Transformer's init: xavier on every matrix of the encoder and decoder
         # (layers, query-scale and anchor heads), zero attention output biases; the box head,
         # outside it, keeps its zeros
-        for part in (self.decoder.layers, self.decoder.query_pos_head, self.encoder.pos_scale):
-            for p in part.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        xavier_init_([*layers, self.decoder.query_pos_head, self.encoder.pos_scale])
         for layer in layers:
             nn.init.zeros_(layer.self_attn.out_proj.bias)
             nn.init.zeros_(layer.cross_attn.out_proj.bias)
@@ -189,12 +176,4 @@ class DNDETRNet(nn.Module):
         hs, boxes = self.decoder(
             tgt, memory, ref_boxes=ref, self_attn_mask=None if dn is None else dn.attn_mask
         )
-        logits = self.class_head(hs)  # [L,B,N+Q,C]
-        if dn is None:
-            return split_layers(logits, boxes, self.aux_loss)
-        (logits, boxes), dn_outputs = split_denoising_outputs(
-            logits, boxes, dn.meta.num_queries, self.aux_loss
-        )
-        out = split_layers(logits, boxes, self.aux_loss)
-        out["dn_outputs"], out["dn_meta"] = dn_outputs, dn.meta
-        return out
+        return detector_outputs(self.class_head(hs), boxes, self.aux_loss, dn)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detr_lineage.convert import COCO_CATEGORY_IDS, convert_dn_detr
+from detr_lineage.convert import COCO_CATEGORY_IDS, convert_dn_detr, main
 from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DNDETR, load_detector
 from detr_lineage.models import dn_detr
@@ -385,3 +385,24 @@ def test_a_checkpoint_of_the_earlier_decoder_is_refused(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="written before the decoder followed the official"):
         load_detector(str(ckpt))
+
+
+@pytest.mark.slow
+def test_convert_cli_writes_a_dn_detr_checkpoint_that_detects(tmp_path, capsys) -> None:
+    """``convert --from official --variant dn-detr-r50``: a file with the official R50 key list
+    -> a checkpoint ``load_detector`` reads back with the same weights, which runs."""
+    from tests.test_convert import official_state as official_r50
+
+    state = official_r50("dn-detr-r50")
+    source, out = tmp_path / "checkpoint.pth", tmp_path / "ours.ckpt"
+    torch.save({"model": state}, source)
+    main(["--from", "official", "--variant", "dn-detr-r50", str(source), str(out)])
+    model = load_detector(str(out))
+    assert torch.equal(model.net.anchors.weight, state["refpoint_embed.weight"])
+    assert torch.equal(model.net.label_embed.weight[80], state["label_enc.weight"][91])
+    with torch.no_grad():
+        outputs = model.net(torch.rand(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert outputs["pred_logits"].shape == (1, 300, 80)
+    with pytest.raises(SystemExit):
+        main(["--from", "hf", "--variant", "dn-detr-r50", str(source), str(out)])
+    assert "official checkpoint only" in capsys.readouterr().err

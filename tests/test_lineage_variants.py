@@ -26,7 +26,7 @@ from tests.test_training import fixed_batch, map50, overfit
 PAPER = {
     "conditional_detr_r50": (44, 90, (800, 1066), 44.60, 85.6),
     "deformable_detr_r50": (40, 173, (800, 1066), 40.07, 164.0),
-    "dino_r50": (47, 279, (800, 1280), 46.88, 276.7),
+    "dino_r50": (47, 279, (800, 1280), 46.88, 277.4),
 }
 
 
@@ -209,3 +209,22 @@ def test_tiny_model_overfits_one_batch(make):
     after = map50(model, batch)
     assert last < first / 5, (first, last)
     assert before < 0.1 and after > 0.5, (before, after)
+
+
+def test_dino_decoder_and_denoising_details_are_the_official():
+    """IDEA-Research/DINO: references refined from the un-normed layer output, logits clamped at
+    1e-3 (its inverse_sigmoid), denoising padding slots with zero, untrained content."""
+    torch.manual_seed(0)
+    model = make_module(DINO, 6, backbone=MULTI, denoising=TINY_CDN, **TINY)
+    decoder = model.net.decoder
+    assert decoder.look_forward_twice and decoder.refine_unnormed and decoder.eps == 1e-3
+    batch = fixed_batch()
+    assert len({len(t["labels"]) for t in batch["targets"]}) > 1  # unequal counts: padding slots
+    model.train()
+    out = model.net(batch["images"], batch["masks"], batch["targets"])
+    loss = model.criterion(out, batch["targets"])["loss"]
+    loss.backward()
+    padding = model.net.label_embed.weight[model.net.num_classes]
+    assert torch.equal(padding, torch.zeros_like(padding))
+    assert torch.equal(model.net.label_embed.weight.grad[-1], torch.zeros_like(padding))
+    assert model.net.label_embed.weight.grad[:-1].abs().sum() > 0

@@ -8,10 +8,10 @@
   previous layer's undetached box, so its loss also trains that box.
 Query positions are an MLP of the reference box's sine encoding (DAB-DETR), recomputed per
 layer; one class head and one box head serve every decoder layer (the encoder has its own).
-
-Documented simplification: a layer's next reference is refined from the normed decoder state
-(the official refines references from the un-normed state and predicts outputs from the normed
-one), as in ``models/dn_detr.py``.
+As the official (IDEA-Research/DINO): the next reference is refined from the un-normed layer
+output, the box output from the normed one (``refine_unnormed``); box logits clamp at 1e-3
+(its ``inverse_sigmoid``), the noised boxes included; padding slots of the denoising groups
+have zero content.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..boxes import inverse_sigmoid
 from ..denoising import DenoisingConfig, detector_outputs, make_denoising_queries
 from ..nn.multiscale import QuerySelection
 from ..nn.position import sine_encoding_of_boxes
 from ..nn.transformer import MLP, Decoder
 from .common import DeformableConfig, deformable_body, deformable_decoder_layers, focal_heads
+
+LOGIT_EPS = 1e-3  # the official DINO's inverse_sigmoid clamp
 
 
 def dino_denoising() -> DenoisingConfig:
@@ -83,8 +86,11 @@ class DINONet(nn.Module):
             query_pos_head=SineBoxQueryPosition(d),
             box_heads=[self.box_head] * n,
             look_forward_twice=True,
+            refine_unnormed=True,
+            eps=LOGIT_EPS,
         )
-        self.label_embed = nn.Embedding(cfg.num_classes + 1, d)  # last row: padding slots
+        # last row: padding slots of the denoising groups (zeros, never trained)
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, d, padding_idx=cfg.num_classes)
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None) -> dict:
         """-> ``pred_logits [B,K,C]``, ``pred_boxes``, aux, ``enc_outputs``; with DN, ``dn_*``."""
@@ -96,7 +102,8 @@ class DINONet(nn.Module):
         if self.training and targets is not None and self.denoising is not None:
             dn = make_denoising_queries(targets, self.denoising, self.num_classes, ref.shape[1])
             tgt = torch.cat([self.label_embed(dn.labels), tgt], 1)
-            ref = torch.cat([dn.boxes, ref], 1)
+            dn_ref = inverse_sigmoid(dn.boxes.to(ref.dtype), LOGIT_EPS).sigmoid()
+            ref = torch.cat([dn_ref, ref], 1)
         hs, boxes = self.decoder(
             tgt, memory, ref_boxes=ref, self_attn_mask=None if dn is None else dn.attn_mask
         )

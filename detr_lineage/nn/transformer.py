@@ -411,9 +411,9 @@ class Decoder(nn.Module):
     or None) of the current references; references may be points ``[B,Q,2]`` (``refine_boxes``).
     ``look_forward_twice`` (DAB/DN-DETR, DINO, RT-DETR) computes box_l in training on the
     undetached ``ref_l`` (the previous layer's refinement), so a layer's loss also trains the
-    previous layer's refinement. ``refine_unnormed`` (DAB/DN-DETR): the next reference is
+    previous layer's refinement. ``refine_unnormed`` (DAB/DN-DETR, DINO): the next reference is
     refined from the un-normed layer output, the box output from the normed one (``norm``).
-    ``eps``: the logit's clamp (DAB/DN-DETR 1e-3, the others 1e-5).
+    ``eps``: the logit's clamp (DAB/DN-DETR and DINO 1e-3, the others 1e-5).
     """
 
     def __init__(

@@ -4,6 +4,7 @@
     python benchmarks/bench_vs_hf.py                      # every case, 1 and 2 threads
     python benchmarks/bench_vs_hf.py --cases toy_detr toy_rtdetr --threads 1 --rounds 5
     python benchmarks/bench_vs_hf.py --bf16               # both sides under bf16 autocast
+    python benchmarks/bench_vs_hf.py --official-detr ~/src/detr --cases toy_detr detr_r50
 
 Both sides are built at random init (nothing is downloaded: ``use_pretrained_backbone=False``,
 the ResNet built locally by timm / transformers' RT-DETR ResNet), with the same widths, depths,
@@ -16,16 +17,29 @@ query counts, denoising budget and frozen layers; the script asserts that the pa
 The four timings of a case run round-robin in one process (ours train, HF train, ours forward,
 HF forward, then the next round), so load from other processes hits both sides alike; the
 table reports medians over rounds and the ratio HF time / our time (> 1: we are faster).
+
+``--official-detr DIR`` (a checkout of facebookresearch/detr, kept outside this repository)
+adds the official DETR code as a third contender in the DETR cases: its model, matcher and
+``SetCriterion`` (aux losses, the loss ``main.py`` back-propagates) at the same shapes and frozen
+layers (parameter counts asserted equal), fed the same batch (its images normalised beforehand,
+as its data pipeline does), timed in the same round-robin; the table then has a speed-up column
+per contender. Its top-level packages (``models``, ``util``, ``datasets``) are imported without
+staying on ``sys.path`` or in ``sys.modules``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -39,7 +53,8 @@ from detr_lineage.nn.backbone import BackboneConfig
 
 @dataclass
 class Case:
-    """One comparison: shapes and the two models' builders."""
+    """One comparison: shapes and the models' builders (``official``: the DETR cases' shapes for
+    the official code, timed when ``--official-detr`` is given)."""
 
     name: str
     image_size: int
@@ -48,42 +63,54 @@ class Case:
     num_classes: int
     build_ours: Callable[[], nn.Module]
     build_hf: Callable[[], nn.Module]
+    official: DetrShape | None = None
 
 
 # ---- DETR -------------------------------------------------------------------------------------
-def detr_ours(backbone: str, d: int, layers: int, ff: int, queries: int, classes: int, drop: float):
+@dataclass
+class DetrShape:
+    backbone: str
+    d: int
+    layers: int  # encoder and decoder layers each
+    ff: int
+    queries: int
+    classes: int
+    drop: float
+
+
+def detr_ours(s: DetrShape) -> nn.Module:
     net = DETRConfig(
-        num_classes=classes,
-        backbone=BackboneConfig(name=backbone, trainable_layers=3, return_strides=[32]),
-        d_model=d,
+        num_classes=s.classes,
+        backbone=BackboneConfig(name=s.backbone, trainable_layers=3, return_strides=[32]),
+        d_model=s.d,
         nhead=8,
-        num_encoder_layers=layers,
-        num_decoder_layers=layers,
-        dim_feedforward=ff,
-        dropout=drop,
-        num_queries=queries,
+        num_encoder_layers=s.layers,
+        num_decoder_layers=s.layers,
+        dim_feedforward=s.ff,
+        dropout=s.drop,
+        num_queries=s.queries,
     )
     return DETR(net)
 
 
-def detr_hf(backbone: str, d: int, layers: int, ff: int, queries: int, classes: int, drop: float):
+def detr_hf(s: DetrShape) -> nn.Module:
     from transformers import DetrConfig, DetrForObjectDetection
 
     cfg = DetrConfig(
         use_timm_backbone=True,
-        backbone=backbone,
+        backbone=s.backbone,
         use_pretrained_backbone=False,
-        num_labels=classes,
-        d_model=d,
-        encoder_layers=layers,
-        decoder_layers=layers,
+        num_labels=s.classes,
+        d_model=s.d,
+        encoder_layers=s.layers,
+        decoder_layers=s.layers,
         encoder_attention_heads=8,
         decoder_attention_heads=8,
-        encoder_ffn_dim=ff,
-        decoder_ffn_dim=ff,
-        num_queries=queries,
-        dropout=drop,
-        attention_dropout=drop,  # the official DETR (and ours) drops attention weights too
+        encoder_ffn_dim=s.ff,
+        decoder_ffn_dim=s.ff,
+        num_queries=s.queries,
+        dropout=s.drop,
+        attention_dropout=s.drop,  # the official DETR (and ours) drops attention weights too
         activation_dropout=0.0,
         auxiliary_loss=True,
     )
@@ -92,6 +119,117 @@ def detr_hf(backbone: str, d: int, layers: int, ff: int, queries: int, classes: 
     for name, p in model.model.backbone.model.named_parameters():
         p.requires_grad_(any(f"layer{i}" in name for i in (2, 3, 4)))
     return model
+
+
+# ---- the official DETR code (facebookresearch/detr), from a checkout outside the repository ----
+OFFICIAL_TOP_LEVEL = ("models", "util", "datasets")  # the checkout's top-level packages
+
+
+def _official_name(module: str) -> bool:
+    return module.split(".")[0] in OFFICIAL_TOP_LEVEL
+
+
+def import_official_detr(root: Path) -> SimpleNamespace:
+    """facebookresearch/detr's modules imported from the checkout ``root``, leaving no trace.
+
+    The checkout's top-level packages ``models``, ``util`` and ``datasets`` would shadow (or be
+    shadowed by) any other module of those names, so ``root`` is on ``sys.path`` only during the
+    import, same-named modules already loaded are set aside and put back, and the official ones
+    are removed from ``sys.modules`` afterwards (the returned namespace keeps them alive; their
+    own imports are bound at module level, so they work without ``sys.modules`` entries).
+    """
+    if not (root / "models" / "detr.py").is_file() or not (root / "util" / "misc.py").is_file():
+        raise SystemExit(
+            f"--official-detr {root}: no models/detr.py and util/misc.py there; "
+            "expected a checkout of https://github.com/facebookresearch/detr"
+        )
+    # their third-party imports, resolved from site-packages before the checkout is on the path
+    import scipy.optimize  # noqa: F401  (the official HungarianMatcher)
+    import torchvision  # noqa: F401
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if _official_name(k)}
+    sys.path.insert(0, str(root))
+    try:
+        names = ("models.detr", "models.backbone", "models.transformer", "models.matcher")
+        detr, backbone, transformer, matcher = (importlib.import_module(n) for n in names)
+        misc = importlib.import_module("util.misc")
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if _official_name(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    # its Backbone asks torchvision for ImageNet weights on the main process: build at random init
+    backbone.is_main_process = lambda: False
+    return SimpleNamespace(
+        detr=detr, backbone=backbone, transformer=transformer, matcher=matcher, misc=misc
+    )
+
+
+@dataclass
+class OfficialDETR:
+    """The official model and criterion, and the weighted sum ``main.py`` back-propagates."""
+
+    model: nn.Module
+    criterion: nn.Module
+    NestedTensor: type
+
+    @staticmethod
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> its input: ImageNet mean/std, as its ``datasets/coco.py`` does."""
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def loss(self, outputs: dict, targets: list[dict]) -> torch.Tensor:
+        losses, weights = self.criterion(outputs, targets), self.criterion.weight_dict
+        return sum(losses[k] * weights[k] for k in losses if k in weights)
+
+
+def detr_official(off: SimpleNamespace, s: DetrShape) -> OfficialDETR:
+    """The official ``models.detr.build`` at our shapes, its defaults otherwise (post-norm, sine
+    positions, backbone stem and layer1 frozen, FrozenBatchNorm2d, aux losses, eos 0.1, costs and
+    loss weights 1/5/2). ``build`` itself hard-codes ``num_classes`` per dataset, so the pieces are
+    put together here as it does; its ``num_classes`` is ours (class head ``num_classes + 1``,
+    the last no-object)."""
+    args = SimpleNamespace(
+        backbone=s.backbone,
+        dilation=False,
+        position_embedding="sine",
+        lr_backbone=1e-5,  # > 0: layer2-4 trainable
+        masks=False,
+        hidden_dim=s.d,
+        dropout=s.drop,
+        nheads=8,
+        dim_feedforward=s.ff,
+        enc_layers=s.layers,
+        dec_layers=s.layers,
+        pre_norm=False,
+        num_queries=s.queries,
+        aux_loss=True,
+        set_cost_class=1.0,
+        set_cost_bbox=5.0,
+        set_cost_giou=2.0,
+    )
+    with warnings.catch_warnings():  # its torchvision call passes the deprecated `pretrained`
+        warnings.filterwarnings("ignore", r".*(pretrained|weight enum)", UserWarning)
+        backbone = off.backbone.build_backbone(args)
+    model = off.detr.DETR(
+        backbone,
+        off.transformer.build_transformer(args),
+        num_classes=s.classes,
+        num_queries=s.queries,
+        aux_loss=True,
+    )
+    weights = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    weights |= {f"{k}_{i}": v for i in range(s.layers - 1) for k, v in list(weights.items())}
+    criterion = off.detr.SetCriterion(
+        s.classes,
+        matcher=off.matcher.build_matcher(args),
+        weight_dict=weights,
+        eos_coef=0.1,
+        losses=["labels", "boxes", "cardinality"],
+    )
+    return OfficialDETR(model, criterion, off.misc.NestedTensor)
 
 
 # ---- RT-DETRv2 --------------------------------------------------------------------------------
@@ -158,6 +296,8 @@ def rtdetr_hf(s: RTShape) -> nn.Module:
     return RTDetrV2ForObjectDetection(cfg)
 
 
+TOY_DETR = DetrShape("resnet18", d=128, layers=3, ff=512, queries=100, classes=6, drop=0.0)
+R50_DETR = DetrShape("resnet50", d=256, layers=6, ff=2048, queries=100, classes=80, drop=0.1)
 TOY_RT = RTShape(d=128, enc_ff=512, dec_ff=512, dec_layers=3, queries=100, dn_budget=50, classes=6)
 S_RT = RTShape(
     d=256, enc_ff=1024, dec_ff=1024, dec_layers=3, queries=300, dn_budget=100, classes=80
@@ -170,8 +310,9 @@ CASES = {
         8,
         4,
         6,
-        lambda: detr_ours("resnet18", 128, 3, 512, 100, 6, 0.0),
-        lambda: detr_hf("resnet18", 128, 3, 512, 100, 6, 0.0),
+        lambda: detr_ours(TOY_DETR),
+        lambda: detr_hf(TOY_DETR),
+        TOY_DETR,
     ),
     "toy_rtdetr": Case(
         "toy RT-DETRv2 (R18vd, d 128, FFN 512, 3 dec layers, 100 queries, CDN 50), 128 px, batch 8",
@@ -188,8 +329,9 @@ CASES = {
         2,
         8,
         80,
-        lambda: detr_ours("resnet50", 256, 6, 2048, 100, 80, 0.1),
-        lambda: detr_hf("resnet50", 256, 6, 2048, 100, 80, 0.1),
+        lambda: detr_ours(R50_DETR),
+        lambda: detr_hf(R50_DETR),
+        R50_DETR,
     ),
     "rtdetr_s": Case(
         "RT-DETRv2-S (R18vd, CDN 100), 640 px, batch 2",
@@ -221,8 +363,11 @@ def make_batch(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, l
     return images, masks, targets
 
 
-def step_fns(ours: nn.Module, hf: nn.Module, case: Case) -> dict[str, Callable[[], None]]:
-    """The four timed callables of a case, on one shared batch."""
+def step_fns(
+    ours: nn.Module, hf: nn.Module, case: Case, official: OfficialDETR | None = None
+) -> dict[str, Callable[[], None]]:
+    """The timed callables of a case (four, six with the official code), on one shared batch,
+    in round-robin order: the train steps, then the forwards."""
     images, masks, targets = make_batch(case)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     pixel_mask = (~masks).long()
@@ -246,7 +391,33 @@ def step_fns(ours: nn.Module, hf: nn.Module, case: Case) -> dict[str, Callable[[
         with torch.inference_mode():
             hf(pixel_values=images, pixel_mask=pixel_mask)
 
-    return {"ours train": ours_train, "HF train": hf_train, "ours fwd": ours_fwd, "HF fwd": hf_fwd}
+    if official is None:
+        return {
+            "ours train": ours_train,
+            "HF train": hf_train,
+            "ours fwd": ours_fwd,
+            "HF fwd": hf_fwd,
+        }
+    # its batch: images normalised by its data pipeline (ours normalises inside), padding mask
+    samples = official.NestedTensor(official.normalise(images), masks)
+
+    def official_train() -> None:
+        official.model.train()
+        official.loss(official.model(samples), targets).backward()
+
+    def official_fwd() -> None:
+        official.model.eval()
+        with torch.inference_mode():
+            official.model(samples)
+
+    return {
+        "ours train": ours_train,
+        "HF train": hf_train,
+        "official train": official_train,
+        "ours fwd": ours_fwd,
+        "HF fwd": hf_fwd,
+        "official fwd": official_fwd,
+    }
 
 
 def time_round_robin(
@@ -264,6 +435,24 @@ def time_round_robin(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def build_case(
+    key: str, off: SimpleNamespace | None = None
+) -> tuple[nn.Module, nn.Module, OfficialDETR | None, tuple[int, int]]:
+    """Ours, HF's and (given the official modules, for the DETR cases) the official model of a
+    case, at random init; asserts equal parameter counts (total and trainable)."""
+    case = CASES[key]
+    torch.manual_seed(0)
+    ours, hf = case.build_ours(), case.build_hf()
+    n_ours, n_hf = count(ours.net), count(hf)
+    assert n_ours == n_hf, f"{key}: parameter counts differ: ours {n_ours}, HF {n_hf}"
+    official = None
+    if off is not None and case.official is not None:
+        official = detr_official(off, case.official)
+        n_off = count(official.model)
+        assert n_ours == n_off, f"{key}: parameter counts differ: ours {n_ours}, official {n_off}"
+    return ours, hf, official, n_ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
@@ -271,21 +460,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast")
+    parser.add_argument(
+        "--official-detr",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of facebookresearch/detr (outside this repository): "
+        "its DETR is timed too, in the DETR cases",
+    )
     args = parser.parse_args()
     try:
         import transformers  # noqa: F401
     except ImportError:  # `make bench` runs every benchmark; this one needs the bench extra
         print("bench_vs_hf: skipped, transformers is not installed (pip install -e '.[bench]')")
         return
+    off = import_official_detr(args.official_detr) if args.official_detr else None
 
     rows = []
     for key in args.cases:
         case = CASES[key]
-        torch.manual_seed(0)
-        ours, hf = case.build_ours(), case.build_hf()
-        n_ours, n_hf = count(ours.net), count(hf)
-        assert n_ours == n_hf, f"{key}: parameter counts differ: ours {n_ours}, HF {n_hf}"
-        fns = step_fns(ours, hf, case)
+        ours, hf, official, n_ours = build_case(key, off)
+        fns = step_fns(ours, hf, case, official)
         for threads in args.threads:
             torch.set_num_threads(threads)
             t = time_round_robin(fns, args.rounds, args.warmup, args.bf16)
@@ -295,23 +489,36 @@ def main() -> None:
                 + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in t.items()),
                 flush=True,
             )
-        del ours, hf, fns
+        del ours, hf, official, fns
 
     precision = "bf16 autocast" if args.bf16 else "fp32"
-    print(f"\n{precision}; median of {args.rounds} round-robin rounds; HF time / our time\n")
-    print(
-        "| model, shapes | params (total / trainable) | threads | train step: ours / HF ms "
-        "| speed-up | forward: ours / HF ms | speed-up |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for case, (total, trainable), threads, t in rows:
+    print(f"\n{precision}; median of {args.rounds} round-robin rounds; ", end="")
+    if off is None:
+        print("HF time / our time\n")
         print(
-            f"| {case.name} | {total / 1e6:.2f}M / {trainable / 1e6:.2f}M | {threads} "
-            f"| {1000 * t['ours train']:.0f} / {1000 * t['HF train']:.0f} "
-            f"| {t['HF train'] / t['ours train']:.2f}x "
-            f"| {1000 * t['ours fwd']:.0f} / {1000 * t['HF fwd']:.0f} "
-            f"| {t['HF fwd'] / t['ours fwd']:.2f}x |"
+            "| model, shapes | params (total / trainable) | threads | train step: ours / HF ms "
+            "| speed-up | forward: ours / HF ms | speed-up |"
         )
+        print("|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print("speed-up: HF's or the official code's time / our time\n")
+        print(
+            "| model, shapes | params (total / trainable) | threads "
+            "| train step: ours / HF / official ms | vs HF | vs official "
+            "| forward: ours / HF / official ms | vs HF | vs official |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for case, (total, trainable), threads, t in rows:
+        cells = [f"{case.name}", f"{total / 1e6:.2f}M / {trainable / 1e6:.2f}M", f"{threads}"]
+        for step in ("train", "fwd"):
+            ms = [f"{1000 * t[f'{who} {step}']:.0f}" for who in ("ours", "HF")]
+            ups = [f"{t[f'HF {step}'] / t[f'ours {step}']:.2f}x"]
+            if off is not None:
+                official = t.get(f"official {step}")
+                ms.append("-" if official is None else f"{1000 * official:.0f}")
+                ups.append("-" if official is None else f"{official / t[f'ours {step}']:.2f}x")
+            cells += [" / ".join(ms), *ups]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

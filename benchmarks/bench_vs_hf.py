@@ -435,6 +435,42 @@ def time_round_robin(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+Row = tuple[Case, tuple[int, int], int, dict[str, float]]  # case, parameter counts, threads, s
+
+
+def table(rows: list[Row], official: bool) -> list[str]:
+    """The printed table (its title's end, then markdown): median ms per contender, speed-up =
+    the other contender's time / our time; ``official``: columns for the official code (``-``
+    in the cases it does not have)."""
+    if not official:
+        lines = [
+            "HF time / our time\n",
+            "| model, shapes | params (total / trainable) | threads | train step: ours / HF ms "
+            "| speed-up | forward: ours / HF ms | speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines = [
+            "speed-up: HF's or the official code's time / our time\n",
+            "| model, shapes | params (total / trainable) | threads "
+            "| train step: ours / HF / official ms | vs HF | vs official "
+            "| forward: ours / HF / official ms | vs HF | vs official |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for case, (total, trainable), threads, t in rows:
+        cells = [f"{case.name}", f"{total / 1e6:.2f}M / {trainable / 1e6:.2f}M", f"{threads}"]
+        for step in ("train", "fwd"):
+            ms = [f"{1000 * t[f'{who} {step}']:.0f}" for who in ("ours", "HF")]
+            ups = [f"{t[f'HF {step}'] / t[f'ours {step}']:.2f}x"]
+            if official:
+                off = t.get(f"official {step}")
+                ms.append("-" if off is None else f"{1000 * off:.0f}")
+                ups.append("-" if off is None else f"{off / t[f'ours {step}']:.2f}x")
+            cells += [" / ".join(ms), *ups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def build_case(
     key: str, off: SimpleNamespace | None = None
 ) -> tuple[nn.Module, nn.Module, OfficialDETR | None, tuple[int, int]]:
@@ -475,7 +511,7 @@ def main() -> None:
         return
     off = import_official_detr(args.official_detr) if args.official_detr else None
 
-    rows = []
+    rows: list[Row] = []
     for key in args.cases:
         case = CASES[key]
         ours, hf, official, n_ours = build_case(key, off)
@@ -493,32 +529,7 @@ def main() -> None:
 
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(f"\n{precision}; median of {args.rounds} round-robin rounds; ", end="")
-    if off is None:
-        print("HF time / our time\n")
-        print(
-            "| model, shapes | params (total / trainable) | threads | train step: ours / HF ms "
-            "| speed-up | forward: ours / HF ms | speed-up |"
-        )
-        print("|---|---|---:|---:|---:|---:|---:|")
-    else:
-        print("speed-up: HF's or the official code's time / our time\n")
-        print(
-            "| model, shapes | params (total / trainable) | threads "
-            "| train step: ours / HF / official ms | vs HF | vs official "
-            "| forward: ours / HF / official ms | vs HF | vs official |"
-        )
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for case, (total, trainable), threads, t in rows:
-        cells = [f"{case.name}", f"{total / 1e6:.2f}M / {trainable / 1e6:.2f}M", f"{threads}"]
-        for step in ("train", "fwd"):
-            ms = [f"{1000 * t[f'{who} {step}']:.0f}" for who in ("ours", "HF")]
-            ups = [f"{t[f'HF {step}'] / t[f'ours {step}']:.2f}x"]
-            if off is not None:
-                official = t.get(f"official {step}")
-                ms.append("-" if official is None else f"{1000 * official:.0f}")
-                ups.append("-" if official is None else f"{official / t[f'ours {step}']:.2f}x")
-            cells += [" / ".join(ms), *ups]
-        print("| " + " | ".join(cells) + " |")
+    print("\n".join(table(rows, official=off is not None)))
 
 
 if __name__ == "__main__":

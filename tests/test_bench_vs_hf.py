@@ -41,6 +41,33 @@ def test_official_dir_without_detr_code_is_a_clear_error(bench, tmp_path):
         bench.import_official_detr(tmp_path)
 
 
+TIMES = {"ours train": 0.2, "HF train": 0.3, "ours fwd": 0.1, "HF fwd": 0.125}
+OFFICIAL_TIMES = {"official train": 0.26, "official fwd": 0.08}
+
+
+def test_table_without_the_official_code_is_unchanged(bench):
+    rows = [(bench.CASES["toy_detr"], (12_670_000, 12_510_000), 1, TIMES)]
+    assert bench.table(rows, official=False)[1:] == [
+        "| model, shapes | params (total / trainable) | threads | train step: ours / HF ms "
+        "| speed-up | forward: ours / HF ms | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| {bench.CASES['toy_detr'].name} | 12.67M / 12.51M | 1 | 200 / 300 | 1.50x "
+        "| 100 / 125 | 1.25x |",
+    ]
+
+
+def test_table_with_the_official_code_has_its_columns_and_dashes_where_it_has_no_case(bench):
+    rows = [
+        (bench.CASES["toy_detr"], (12_670_000, 12_510_000), 2, TIMES | OFFICIAL_TIMES),
+        (bench.CASES["toy_rtdetr"], (13_550_000, 13_550_000), 2, TIMES),
+    ]
+    lines = bench.table(rows, official=True)
+    assert lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 10
+    row = "| 2 | 200 / 300 / 260 | 1.50x | 1.30x | 100 / 125 / 80 | 1.25x | 0.80x |"
+    assert lines[3].endswith(row)
+    assert lines[4].endswith("| 2 | 200 / 300 / - | 1.50x | - | 100 / 125 / - | 1.25x | - |")
+
+
 @needs_official
 def test_official_import_leaves_sys_path_and_modules_as_they_were(bench, monkeypatch):
     placeholder = types.ModuleType("util")  # a same-named module loaded before: set aside, back

@@ -6,6 +6,13 @@ recipe sizes (DETR: 480-800 short side / 1333; RT-DETRv2: 640x640 with zoom-out 
 ``none`` (decode + to-tensor only) is the floor. Prints a Markdown table.
 
     python benchmarks/bench_loader.py [--images 64] [--workers 2] [--batch-size 4] [--epochs 2]
+
+``--toy [CONFIG]`` times the toy DataModule of a toy config instead (default
+``experiments/toy/detr.yaml``), in the main process (``num_workers=0``), with and without
+``cache_images``: per-batch loader time of the first (rendering) epoch, then of later epochs,
+interleaved round-robin so that load changes hit both alike.
+
+    python benchmarks/bench_loader.py --toy [--toy-images 8000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 from detr_lineage.data.coco import CocoDataModule
+from detr_lineage.data.toy_shapes import ToyShapesDataModule
 
 
 def write_fake_coco(root: Path, n: int, height: int = 480, width: int = 640, seed: int = 0) -> None:
@@ -88,6 +97,62 @@ def time_recipe(root: Path, recipe: str, workers: int, batch_size: int, epochs: 
     }
 
 
+def _ms_per_batch(loader) -> float:
+    start, batches = time.perf_counter(), 0
+    for _ in loader:
+        batches += 1
+    return 1e3 * (time.perf_counter() - start) / max(batches, 1)
+
+
+def time_toy(config: str, images: int | None, rounds: int) -> dict[str, list[float]]:
+    """Per-batch loader time (ms) of ``config``'s toy DataModule, uncached and cached, at
+    ``num_workers=0``: epoch 0 (both render; the cached one also fills its cache), then one
+    value per round of later epochs."""
+    init = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    init = {**init, "num_workers": 0} | ({"num_train": images} if images else {})
+    loaders = {
+        name: ToyShapesDataModule(**{**init, "cache_images": cache}).train_dataloader()
+        for name, cache in (("uncached", False), ("cached", True))
+    }
+    times: dict[str, list[float]] = {
+        f"{name} {part}": [] for name in loaders for part in ("epoch 0", "later")
+    }
+    for name, loader in loaders.items():
+        loader.sampler.set_epoch(0)
+        times[f"{name} epoch 0"].append(_ms_per_batch(loader))
+    for epoch in range(1, rounds + 1):
+        for name, loader in loaders.items():
+            loader.sampler.set_epoch(epoch)  # a new order, as in training
+            times[f"{name} later"].append(_ms_per_batch(loader))
+    return times
+
+
+def main_toy(config: str, images: int | None, rounds: int) -> None:
+    times = time_toy(config, images, rounds)
+    init = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    n = images or init["num_train"]
+    print(
+        f"\n{config}: {n} images at {init.get('image_size')} px, batch {init['batch_size']}, "
+        f"num_workers 0, {rounds} rounds of later epochs (round-robin)\n"
+    )
+    print("| loader | epoch 0 ms/batch | later epochs ms/batch (median) | per round |")
+    print("|---|---:|---:|---|")
+    for name in ("uncached", "cached"):
+        later = times[f"{name} later"]
+        rounds_text = ", ".join(f"{t:.2f}" for t in later)
+        print(
+            f"| {name} | {times[f'{name} epoch 0'][0]:.2f} | {float(np.median(later)):.2f} | "
+            f"{rounds_text} |"
+        )
+    ratios = [u / c for u, c in zip(times["uncached later"], times["cached later"], strict=True)]
+    print(
+        "\nlater epochs, uncached / cached per round: "
+        + ", ".join(f"{r:.1f}x" for r in ratios)
+        + "; cached epoch 0 / uncached epoch 0: "
+        f"{times['cached epoch 0'][0] / times['uncached epoch 0'][0]:.2f}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -95,7 +160,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--recipes", nargs="+", default=["none", "detr", "rtdetr"])
+    parser.add_argument(
+        "--toy", nargs="?", const="experiments/toy/detr.yaml", default=None, metavar="CONFIG",
+        help="time a toy config's DataModule, cached vs uncached, instead of COCO",
+    )  # fmt: skip
+    parser.add_argument("--toy-images", type=int, default=None, help="default: the config's")
+    parser.add_argument("--rounds", type=int, default=3, help="--toy: later epochs per loader")
     args = parser.parse_args(argv)
+    if args.toy:
+        main_toy(args.toy, args.toy_images, args.rounds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_fake_coco(root, args.images)

@@ -41,6 +41,8 @@ def test_config_parses_and_builds(case):
         raw = yaml.safe_load(path.read_text())["model"]["init_args"]
         assert (model.net.denoising is None) == (dn_off or raw["net"].get("denoising") is None)
     if not coco:  # toy models are small: one forward on real tensors
+        # images rendered once and kept in memory, no loader worker competing for the cores
+        assert data.num_workers == 0 and data.train_set.cache and data.val_set.cache
         model.eval()
         size = config.data.init_args.image_size
         out = model(torch.rand(2, 3, size, size), torch.zeros(2, size, size, dtype=torch.bool))

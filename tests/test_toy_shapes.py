@@ -305,6 +305,126 @@ def test_worker_batches_equal_in_process_batches() -> None:
             assert all(torch.equal(ta[k], tb[k]) for k in ta if isinstance(ta[k], torch.Tensor))
 
 
+# ---------------------------------------------------------------- in-memory cache
+
+
+def assert_same_item(a: tuple, b: tuple) -> None:
+    """Bit-exact equality of two dataset items (image bytes, every target value and dtype)."""
+    (ia, ta), (ib, tb) = a, b
+    assert ia.dtype == ib.dtype and ia.shape == ib.shape
+    assert ia.numpy().tobytes() == ib.numpy().tobytes()
+    assert list(ta) == list(tb) and ta["image_id"] == tb["image_id"]
+    for key in ("labels", "boxes", "orig_size", "size"):
+        assert ta[key].dtype == tb[key].dtype and ta[key].shape == tb[key].shape, key
+        assert ta[key].numpy().tobytes() == tb[key].numpy().tobytes(), key
+
+
+@pytest.fixture
+def count_renders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts ``render_scene`` calls made by datasets (a cache hit renders nothing)."""
+    import detr_lineage.data.toy_shapes as toy
+
+    calls: list[int] = []
+    render = toy.render_scene
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "render_scene", counting)
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["cluttered", "crowded"])  # noise + clutter, many objects
+def test_cached_items_equal_rendered_items_in_any_access_order(preset, count_renders) -> None:
+    n = 10
+    reference = [ToyShapesDataset(small(preset), "val", n, seed=5)[i] for i in range(n)]
+    orders = [list(range(n - 1, -1, -1)), [3, 7, 3, 0, 9, 1, 8, 2, 6, 5, 4, 7]]  # fill orders
+    for order in orders:
+        cached = ToyShapesDataset(small(preset), "val", n, seed=5, cache=True)
+        assert cached.cache
+        count_renders.clear()
+        for i in order:  # first reads fill the cache, repeated ones (3, 7) already hit it
+            assert_same_item(cached[i], reference[i])
+        assert len(count_renders) == n  # each image rendered exactly once
+        for i in range(n):  # later reads: memory only, still exact
+            assert_same_item(cached[i], reference[i])
+            assert_same_item(cached[i - n], reference[i])  # negative indices too
+        assert len(count_renders) == n
+    assert any(len(t["labels"]) for _, t in reference)
+
+
+def test_cached_items_are_fresh_copies_and_transform_runs_on_every_read() -> None:
+    config = small("crowded", max_objects=12)
+    reference = [ToyShapesDataset(config, "train", 3, seed=1)[i] for i in range(3)]
+    cached = ToyShapesDataset(config, "train", 3, seed=1, cache=True)
+    for i in range(3):
+        image, target = cached[i]
+        image.mul_(0.0)  # callers' in-place edits must not reach the cache
+        target["boxes"] *= 2.0
+        target["labels"][:] = 5
+        target["size"][0] = 1
+        assert_same_item(cached[i], reference[i])
+    calls: list[int] = []
+
+    def halve_and_flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        calls.append(target["image_id"])
+        target["boxes"][:, 0] = 1.0 - target["boxes"][:, 0]  # in place, as transforms may do
+        return image.mul_(0.5), target
+
+    transformed = ToyShapesDataset(config, "train", 3, seed=1, transform=halve_and_flip, cache=True)
+    for _ in range(2):  # the same result on the filling read and on a cached read
+        for i in (2, 0, 1):
+            image, target = transformed[i]
+            ref_image, ref_target = reference[i]
+            assert torch.equal(image, ref_image * 0.5)
+            assert torch.equal(target["boxes"][:, 0], 1.0 - ref_target["boxes"][:, 0])
+            assert torch.equal(target["boxes"][:, 1:], ref_target["boxes"][:, 1:])
+    assert calls == [2, 0, 1, 2, 0, 1]
+
+
+def test_datamodule_cache_flag_reaches_every_split() -> None:
+    kw = dict(preset="easy", image_size=SMALL, num_train=4, num_val=3, num_test=2, batch_size=2)
+    plain = ToyShapesDataModule(**kw)
+    assert not any(d.cache for d in (plain.train_set, plain.val_set, plain.test_set))
+    dm = ToyShapesDataModule(cache_images=True, **kw)
+    assert dm.hparams.cache_images
+    loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]
+    loaders.append(dm.predict_dataloader())
+    assert [loader.dataset.split for loader in loaders] == ["train", "val", "test", "test"]
+    assert all(loader.dataset.cache for loader in loaders)
+    for loader in loaders[1:3]:  # cached batches equal uncached ones
+        other = getattr(plain, f"{loader.dataset.split}_dataloader")()
+        for a, b in zip(loader, other, strict=True):
+            assert torch.equal(a["images"], b["images"])
+            for ta, tb in zip(a["targets"], b["targets"], strict=True):
+                assert all(torch.equal(ta[k], tb[k]) for k in ("labels", "boxes", "size"))
+
+
+def test_train_order_and_global_rng_do_not_depend_on_workers_or_cache() -> None:
+    """The epoch's order comes from the sampler in the main process, seeded by (seed, epoch):
+    num_workers 0 or 1 and the cache change neither the batches nor the global random state
+    (which the model's own randomness draws from)."""
+    kw = dict(preset="easy", image_size=32, num_train=12, batch_size=4, seed=0)
+    runs = []
+    for workers, cache in ((1, False), (0, False), (0, True)):
+        torch.manual_seed(123)
+        dm = ToyShapesDataModule(num_workers=workers, cache_images=cache, **kw)
+        loader = dm.train_dataloader()
+        epochs = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)  # as Lightning does
+            epochs.append([(b["images"], [t["image_id"] for t in b["targets"]]) for b in loader])
+        runs.append((epochs, torch.get_rng_state()))
+    (ref_epochs, ref_state), *others = runs
+    assert [ids for _, ids in ref_epochs[0]] != [ids for _, ids in ref_epochs[1]]  # reshuffled
+    for epochs, state in others:
+        assert torch.equal(state, ref_state)
+        for ref_batches, batches in zip(ref_epochs, epochs, strict=True):
+            for (ref_images, ref_ids), (images, ids) in zip(ref_batches, batches, strict=True):
+                assert ids == ref_ids and torch.equal(images, ref_images)
+
+
 # ---------------------------------------------------------------- data module and errors
 
 

@@ -447,7 +447,16 @@ class ToyShapesDataset(Dataset[tuple[Tensor, Target]]):
     Items follow the project's data contract: ``image`` float32 ``[3,H,W]`` in [0, 1] and a
     target with ``labels`` long ``[n]``, ``boxes`` float32 ``[n,4]`` cxcywh normalised by the
     image size, ``image_id`` (= index), ``orig_size`` and ``size`` long ``[2]`` (h, w).
-    ``transform``, if given, maps ``(image, target)`` to ``(image, target)`` after generation.
+    ``transform``, if given, maps ``(image, target)`` to ``(image, target)`` after generation
+    (after the cache too: it runs on every access).
+
+    ``cache=True`` keeps each rendered item in memory (filled on first access, per process), so
+    every later epoch only copies arrays (a few microseconds) instead of rendering (~0.3 ms per
+    64 px image). Items are pure functions of ``(seed, split, index)``: cached items are
+    identical to re-rendered ones, byte for byte. Each access returns fresh tensors (copies of
+    the read-only cached arrays), so editing an item in place never changes a later read.
+    Memory when full: ``length x 3 x H x W x 4`` bytes (8,000 images at 64 px: 393 MB); every
+    loader worker fills its own copy, so it is meant for ``num_workers=0``.
     """
 
     def __init__(
@@ -457,6 +466,7 @@ class ToyShapesDataset(Dataset[tuple[Tensor, Target]]):
         length: int = 1000,
         seed: int = 0,
         transform: Callable[[Tensor, Target], tuple[Tensor, Target]] | None = None,
+        cache: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -472,6 +482,15 @@ class ToyShapesDataset(Dataset[tuple[Tensor, Target]]):
         self.transform = transform
         size = self.config.image_size
         self._hw = torch.tensor([size, size], dtype=torch.long)  # cloned per item (cheap)
+        # index -> (image [3,H,W], labels [n], boxes cxcywh [n,4]) numpy, read-only; None = not yet
+        self._cache: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = (
+            [None] * length if cache else None
+        )
+
+    @property
+    def cache(self) -> bool:
+        """Whether rendered items are kept in memory (see the class docstring)."""
+        return self._cache is not None
 
     def __len__(self) -> int:
         return self.length
@@ -489,23 +508,38 @@ class ToyShapesDataset(Dataset[tuple[Tensor, Target]]):
         rng = np.random.default_rng([self.seed, self.split_index, index])
         return render_scene(self.config, rng, return_masks=return_masks)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        index = self._check_index(index)
+    def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image [3,H,W], labels [n] and boxes [n,4] (cxcywh normalised) of a checked index."""
+        if self._cache is not None and (hit := self._cache[index]) is not None:
+            return hit
         scene = self.scene(index)
         _, h, w = scene.image.shape
         xyxy = scene.boxes  # [n,4] pixels
         scale = np.array([w, h, w, h], dtype=np.float32)
         cxcywh = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) * 0.5, xyxy[:, 2:] - xyxy[:, :2]], 1)
-        image = torch.from_numpy(scene.image)  # [3,H,W]
+        arrays = (scene.image, scene.labels, cxcywh / scale)
+        if self._cache is not None:
+            for array in arrays:
+                array.flags.writeable = False  # a tensor aliasing the cache could not be edited
+            self._cache[index] = arrays
+        return arrays
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        index = self._check_index(index)
+        arrays = self._arrays(index)
+        if self._cache is not None:  # fresh copies: in-place edits must not reach the cache
+            # (numpy copy + from_numpy measured ~1.5x cheaper than cloning cached tensors)
+            arrays = tuple(array.copy() for array in arrays)
+        image, labels, boxes = (torch.from_numpy(array) for array in arrays)
         target: Target = {
-            "labels": torch.from_numpy(scene.labels),  # [n]
-            "boxes": torch.from_numpy(cxcywh / scale),  # [n,4]
+            "labels": labels,  # [n]
+            "boxes": boxes,  # [n,4]
             "image_id": index,
             "orig_size": self._hw.clone(),  # [2] (h, w)
             "size": self._hw.clone(),
         }
         if self.transform is not None:
-            image, target = self.transform(image, target)
+            image, target = self.transform(image, target)  # [3,H,W]
         return image, target
 
 
@@ -516,6 +550,11 @@ class ToyShapesDataModule(L.LightningDataModule):
     meaning and units: sizes are fractions of the shorter image side, ``max_overlap`` is the
     max IoU between two objects' nominal boxes). Train/val/test use splits seeded apart;
     ``predict_dataloader`` serves the test images so predictions can be scored afterwards.
+
+    ``cache_images=True`` renders each train/val/test image once per process and keeps it in
+    memory (``ToyShapesDataset(cache=True)``: identical items; ``num_train x 3 x H x W x 4``
+    bytes for the train set, e.g. 8,000 x 64 px = 393 MB). With ``num_workers=0`` only the first
+    epoch renders; a loader worker would fill its own copy and compete for the CPU cores.
     """
 
     def __init__(
@@ -538,6 +577,7 @@ class ToyShapesDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
+        cache_images: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -567,10 +607,11 @@ class ToyShapesDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        # Datasets hold no data (items are generated on access), so they are built right away.
-        self.train_set = ToyShapesDataset(self.config, "train", num_train, seed)
-        self.val_set = ToyShapesDataset(self.config, "val", num_val, seed)
-        self.test_set = ToyShapesDataset(self.config, "test", num_test, seed)
+        # Datasets render on access (and cache lazily), so they are built right away.
+        self.train_set, self.val_set, self.test_set = (
+            ToyShapesDataset(self.config, split, n, seed, cache=cache_images)
+            for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
+        )
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,9 @@ step under ``torch.autocast("cpu", torch.bfloat16)`` (the loss turns it off itse
 ``--fit`` also times the real thing: ``detr-lineage fit`` on the config (same precision, its
 loggers, loader, gradient clipping and schedule; validation off) for ``--fit-steps`` steps,
 time per step read from the logged ``time/wall_s``; bare steps and fit runs alternate for
-``--rounds`` rounds, and the table gives fit's time per step / the bare step's.
+``--rounds`` rounds, and the table gives fit's time per step / the bare step's. The fit runs
+use a training set of ``--fit-epoch-steps`` batches and skip its first epoch: the toy configs
+cache rendered images, so a long run's steady state (every epoch after the first) is timed.
 """
 
 from __future__ import annotations
@@ -39,22 +41,30 @@ CASES = {
 }
 
 
-def fit_time_per_step(config: str, denoising: bool, precision: str, steps: int) -> float:
-    """Seconds per training step of ``detr-lineage fit`` (validation off), from ``time/wall_s``."""
+def fit_time_per_step(
+    config: str, denoising: bool, precision: str, steps: int, epoch_steps: int, batch_size: int
+) -> float:
+    """Seconds per training step of ``detr-lineage fit`` (validation off) after its first epoch
+    of ``epoch_steps`` batches, from the logged ``time/wall_s``."""
     from detr_lineage.cli import main as cli_main
 
     with tempfile.TemporaryDirectory() as tmp:
         args = ["fit", "--config", str(ROOT / config), "--trainer.max_steps", str(steps)]
         args += ["--trainer.limit_val_batches", "0", "--trainer.precision", precision]
         args += ["--trainer.log_every_n_steps", "5", "--run.dir", tmp]
-        args += ["--trainer.enable_progress_bar", "false"]
+        args += ["--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "null"]
+        args += ["--data.init_args.num_train", str(epoch_steps * batch_size)]
         if not denoising:
             args += ["--model.init_args.net.denoising", "null"]
         cli_main(args)
         (metrics,) = Path(tmp).glob("*/version_*/metrics.csv")
         rows = [r for r in csv.DictReader(metrics.open()) if r.get("time/wall_s")]
+    # logged steps are 0-based: the first epoch ends at step epoch_steps - 1
     points = [(int(r["step"]), float(r["time/wall_s"])) for r in rows]
-    (s0, t0), (s1, t1) = points[1], points[-1]  # skip the first logged interval (warm-up)
+    points = [(s, t) for s, t in points if s >= epoch_steps - 1]
+    if len(points) < 2:
+        raise ValueError(f"--fit-steps {steps} leaves no logged interval after the first epoch")
+    (s0, t0), (s1, t1) = points[0], points[-1]
     return (t1 - t0) / (s1 - s0)
 
 
@@ -66,6 +76,7 @@ def measure(
     precisions: list[str],
     fit: bool,
     fit_steps: int,
+    fit_epoch_steps: int,
     rounds: int,
     queue: mp.Queue,
 ) -> None:
@@ -115,7 +126,9 @@ def measure(
         for p in precisions:
             times[p] += round_times[p]
             if fit:
-                per_step = fit_time_per_step(config, denoising, p, fit_steps)
+                per_step = fit_time_per_step(
+                    config, denoising, p, fit_steps, fit_epoch_steps, len(batch["targets"])
+                )
                 fit_ratios[p].append(per_step / statistics.median(round_times[p]))
     params = sum(p.numel() for p in model.parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -134,7 +147,10 @@ def main() -> None:
         "--precision", nargs="+", default=["32-true"], choices=["32-true", "bf16-mixed"]
     )
     parser.add_argument("--fit", action="store_true", help="also time `fit` per step")
-    parser.add_argument("--fit-steps", type=int, default=40)
+    parser.add_argument("--fit-steps", type=int, default=80)
+    parser.add_argument(
+        "--fit-epoch-steps", type=int, default=20, help="batches per epoch in the fit runs"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="bare/fit alternations (--fit)")
     args = parser.parse_args()
     print(f"torch threads: {args.threads}; median of {args.steps} steps; batch of the config\n")
@@ -159,6 +175,7 @@ def main() -> None:
                 args.precision,
                 args.fit,
                 args.fit_steps,
+                args.fit_epoch_steps,
                 args.rounds,
                 queue,
             ),

@@ -32,17 +32,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {
+# name: (config, denoising): True = as the config, False = turned off, None = the variant has none
+CASES: dict[str, tuple[str, bool | None]] = {
     "DETR": ("experiments/toy/detr.yaml", True),
     "DN-DETR": ("experiments/toy/dn_detr.yaml", True),
     "DAB-DETR": ("experiments/toy/dn_detr.yaml", False),
     "RT-DETRv2": ("experiments/toy/rtdetr_v2.yaml", True),
     "RT-DETRv2, DN off": ("experiments/toy/rtdetr_v2.yaml", False),
+    "Conditional DETR": ("experiments/toy/conditional_detr.yaml", None),
+    "Deformable DETR": ("experiments/toy/deformable_detr.yaml", None),
+    "DINO": ("experiments/toy/dino.yaml", True),
+    "DINO, DN off": ("experiments/toy/dino.yaml", False),
 }
 
 
 def fit_time_per_step(
-    config: str, denoising: bool, precision: str, steps: int, epoch_steps: int, batch_size: int
+    config: str,
+    denoising: bool | None,
+    precision: str,
+    steps: int,
+    epoch_steps: int,
+    batch_size: int,
 ) -> float:
     """Seconds per training step of ``detr-lineage fit`` (validation off) after its first epoch
     of ``epoch_steps`` batches, from the logged ``time/wall_s``."""
@@ -54,7 +64,7 @@ def fit_time_per_step(
         args += ["--trainer.log_every_n_steps", "5", "--run.dir", tmp]
         args += ["--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "null"]
         args += ["--data.init_args.num_train", str(epoch_steps * batch_size)]
-        if not denoising:
+        if denoising is False:
             args += ["--model.init_args.net.denoising", "null"]
         cli_main(args)
         (metrics,) = Path(tmp).glob("*/version_*/metrics.csv")
@@ -70,7 +80,7 @@ def fit_time_per_step(
 
 def measure(
     config: str,
-    denoising: bool,
+    denoising: bool | None,
     threads: int,
     steps: int,
     precisions: list[str],
@@ -89,7 +99,7 @@ def measure(
 
     torch.set_num_threads(threads)
     cfg = yaml.safe_load((ROOT / config).read_text())
-    if not denoising:
+    if denoising is False:
         cfg["model"]["init_args"]["net"]["denoising"] = None
     parser = ArgumentParser()
     parser.add_subclass_arguments(DetectionModule, "model")

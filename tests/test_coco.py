@@ -357,3 +357,14 @@ def test_rtdetr_stop_epoch_with_persistent_workers(tmp_path: Path):
     assert any(isinstance(cb, DatasetEpochCallback) for cb in trainer.callbacks)
     assert any(model.changed[0]) and any(model.changed[1])
     assert model.changed[2] == [False] * 12
+
+
+def test_evaluation_loader_leaves_the_global_random_state_alone(toy_root: Path) -> None:
+    """As for toy shapes: validating must not shift the random stream training draws from."""
+    dm = _dm(toy_root, batch_size=2)
+    dm.setup("fit")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        assert len(list(dm.val_dataloader())) > 0
+    assert torch.equal(torch.get_rng_state(), state)

@@ -30,7 +30,15 @@ class Record(L.Callback):
         self.steps.append((trainer.global_step - 1, float(outputs["loss"]), ids))
 
 
-def fit(tmp_path, name: str, max_steps: int, every: int | None = None, ckpt=None):
+def fit(
+    tmp_path,
+    name: str,
+    max_steps: int,
+    every: int | None = None,
+    ckpt=None,
+    val_every: int | None = None,
+    workers: int = 0,
+):
     L.seed_everything(0)
     module = make_module(
         DNDETR,
@@ -54,10 +62,15 @@ def fit(tmp_path, name: str, max_steps: int, every: int | None = None, ckpt=None
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=1 if val_every else 0,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
+        num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    data = ToyShapesDataModule(image_size=32, num_train=16, num_val=4, batch_size=4, seed=0)
+    data = ToyShapesDataModule(
+        image_size=32, num_train=16, num_val=4, batch_size=4, seed=0, num_workers=workers
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=False)
     return record.steps, module, trainer
 
@@ -75,6 +88,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, k):
         assert got[2] == want[2], f"step {want[0]}: other images"
         assert got[1] == want[1], f"step {want[0]}: loss {got[1]} != {want[1]}"
     for (name, a), b in zip(full_module.state_dict().items(), resumed_module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_randomness_does_not_depend_on_validation(tmp_path, workers):
+    """DN-DETR's noise comes from the global random state; validating every 2 steps (new val
+    iterators each time, or persistent workers) must leave the training steps unchanged."""
+    ref, ref_module, _ = fit(tmp_path, "no_val", 6)
+    got, module, _ = fit(tmp_path, f"val_w{workers}", 6, val_every=2, workers=workers)
+    assert [loss for _, loss, _ in got] == [loss for _, loss, _ in ref]
+    for (name, a), b in zip(ref_module.state_dict().items(), module.state_dict().values()):
         assert torch.equal(a, b), name
 
 

@@ -425,6 +425,21 @@ def test_train_order_and_global_rng_do_not_depend_on_workers_or_cache() -> None:
                 assert ids == ref_ids and torch.equal(images, ref_images)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluation_loaders_leave_the_global_random_state_alone(workers: int) -> None:
+    """Each validation creates the val loader's iterator; without a generator of its own that
+    draws from the global random state, so the training's denoising noise would depend on the
+    validation schedule and on num_workers (persistent workers create the iterator once)."""
+    kw = dict(image_size=32, num_val=4, num_test=4, batch_size=4)
+    dm = ToyShapesDataModule(num_workers=workers, **kw)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        for _ in range(2):
+            assert len(list(loader)) == 1
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # ---------------------------------------------------------------- data module and errors
 
 

@@ -758,6 +758,7 @@ class CocoDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=train,
             sampler=None if train else evaluation_sampler(dataset),
+            generator=None if train else torch.Generator(),  # see evaluation_sampler
             # The official loaders drop the last partial batch; a tiny `limit` set keeps it.
             drop_last=train and len(dataset) >= batch_size,
             num_workers=self.num_workers,

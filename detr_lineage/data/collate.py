@@ -130,7 +130,13 @@ def evaluation_sampler(dataset: Dataset) -> DistributedSampler | None:
     """Under DDP, each process evaluates its own images and none twice: Lightning's default
     ``DistributedSampler`` repeats images to even out the split, and a repeated image would be
     counted twice in mAP and in ``val/loss``. Processes may then run one batch more than others
-    (nothing in an evaluation step communicates). None when not distributed."""
+    (nothing in an evaluation step communicates). None when not distributed.
+
+    Evaluation loaders also get their own ``generator`` (see the data modules): creating a
+    loader's iterator draws a seed from its generator, or from the global random state when it
+    has none, so every validation would shift the random stream training draws from (denoising
+    noise, dropout), by how many loaders were created, i.e. by ``num_workers`` (persistent
+    workers create one) and by the validation schedule."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -173,7 +179,8 @@ class DetectionLoader(DataLoader):
         if kw.get("shuffle") and kw.get("sampler") is None and kw.get("batch_sampler") is None:
             kw["shuffle"], kw["sampler"] = None, EpochShuffleSampler(dataset)
             # workers' seeds from (seed, epoch) too, not from the global random state
-            kw.setdefault("generator", torch.Generator())
+            if kw.get("generator") is None:
+                kw["generator"] = torch.Generator()
         super().__init__(dataset, *args, collate_fn=collate, **kw)
         self._yielded = 0  # batches of the current pass handed out
         self._skip = 0  # batches to leave out of the next pass (restored from a checkpoint)

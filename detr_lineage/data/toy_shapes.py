@@ -637,6 +637,7 @@ class ToyShapesDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=None if shuffle else evaluation_sampler(dataset),
+            generator=None if shuffle else torch.Generator(),  # see evaluation_sampler
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -46,6 +46,7 @@ from torch import nn
 
 from detr_lineage.denoising import DenoisingConfig
 from detr_lineage.lit import DETR, RTDETRv2
+from detr_lineage.models.common import IMAGENET_MEAN, IMAGENET_STD
 from detr_lineage.models.detr import DETRConfig
 from detr_lineage.models.rtdetr_v2 import RTDETRv2Config
 from detr_lineage.nn.backbone import BackboneConfig
@@ -176,8 +177,8 @@ class OfficialDETR:
     @staticmethod
     def normalise(images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> its input: ImageNet mean/std, as its ``datasets/coco.py`` does."""
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (images - mean) / std
 
     def loss(self, outputs: dict, targets: list[dict]) -> torch.Tensor:

@@ -320,7 +320,8 @@ class ContentPositionSelfAttention(ContentPositionProjection):
 
     def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
         super().__init__(d_model)
-        self.num_heads, self.dropout = nhead, dropout
+        # the attributes nn.MultiheadAttention has (read by tests and explain)
+        self.embed_dim, self.num_heads, self.dropout = d_model, nhead, dropout
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor, pos: Tensor, attn_mask: Tensor | None = None) -> Tensor:
